@@ -1,0 +1,102 @@
+"""DALI pipelines for one curriculum stage: pure builders from a StageSpec and a Split."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+
+from pipelines.folder import Split
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then centre-crop size (DeiT's eval)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a pipeline depends on: change any field and the pipeline is rebuilt."""
+
+    image_size: int
+    batch_size: int
+    device: Literal["cpu", "gpu"] = "cpu"
+    device_id: int | None = None
+    num_threads: int = 0  # 0: one per CPU core
+    seed: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+    half: bool = False  # emit float16 (the GPU path; no faster on the CPU)
+
+    def __post_init__(self) -> None:
+        if self.device == "gpu" and self.device_id is None:
+            raise ValueError("a gpu StageSpec needs a device_id")
+        if self.device == "cpu" and self.device_id is not None:
+            raise ValueError("a cpu StageSpec takes device_id=None (DALI then needs no CUDA)")
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or os.cpu_count() or 1
+
+
+def _pipeline_kwargs(spec: StageSpec) -> dict:
+    return dict(batch_size=spec.batch_size, num_threads=spec.threads, device_id=spec.device_id,
+                seed=spec.seed, prefetch_queue_depth=2)
+
+
+def _normalize(images, spec: StageSpec, **crop_args):
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if spec.half else types.FLOAT,
+        output_layout="HWC",  # NHWC batches: a channels-last NCHW view in PyTorch, no copy
+        mean=[m * 255 for m in IMAGENET_MEAN],
+        std=[s * 255 for s in IMAGENET_STD],
+        **crop_args,
+    )
+
+
+@pipeline_def
+def _train_graph(split: Split, spec: StageSpec):
+    jpegs, labels = fn.readers.file(
+        files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
+        shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
+        name="Reader",
+    )
+    gpu = spec.device == "gpu"
+    images = fn.decoders.image_random_crop(
+        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,  # RGB: grayscale/CMYK arrive as RGB
+        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+    )
+    images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, interp_type=types.INTERP_LINEAR)
+    images = _normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5))
+    if gpu:
+        labels = labels.gpu()
+    return images, labels
+
+
+@pipeline_def
+def _val_graph(split: Split, spec: StageSpec):
+    jpegs, labels = fn.readers.file(
+        files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
+        random_shuffle=False, pad_last_batch=True, name="Reader",
+    )
+    gpu = spec.device == "gpu"
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=round(spec.image_size / EVAL_CROP_FRACTION),
+                       interp_type=types.INTERP_LINEAR)
+    images = _normalize(images, spec, crop=(spec.image_size, spec.image_size))
+    if gpu:
+        labels = labels.gpu()
+    return images, labels
+
+
+def build_train_pipeline(split: Split, spec: StageSpec) -> Pipeline:
+    """Read (reshuffled each epoch) -> decode with random-resized-crop -> resize -> flip -> normalize -> NHWC."""
+    return _train_graph(split, spec, **_pipeline_kwargs(spec))
+
+
+def build_val_pipeline(split: Split, spec: StageSpec) -> Pipeline:
+    """Read in order -> decode -> resize shorter side to size/0.875 -> centre crop -> normalize -> NHWC."""
+    return _val_graph(split, spec, **_pipeline_kwargs(spec))

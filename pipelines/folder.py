@@ -1,0 +1,83 @@
+"""Index an ImageNet-layout folder (split/<class>/<image>) into file and label lists for DALI's file reader."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+LAYOUT_HINT = "expected DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
+
+
+class DatasetError(ValueError):
+    """The data folder cannot be used; the message is one line naming the folder or file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset: absolute file paths, their labels, and the class names labels index into."""
+
+    root: Path
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> Split:
+    """Index ``root/split``. Labels are positions in ``classes`` (default: the sorted class folders).
+
+    A prepared dataset's ``root/<split>.txt`` (lines "relative/path label") is used when present, so a
+    1.28M-file split is not walked at every start.
+    """
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetError(f"{root} has no {split}/ folder ({LAYOUT_HINT})")
+    found = tuple(sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")))
+    if not found:
+        raise DatasetError(f"{folder} has no class subfolders ({LAYOUT_HINT})")
+    if classes is None:
+        classes = found
+    elif unknown := sorted(set(found) - set(classes)):
+        raise DatasetError(f"{folder} has class folders that train/ lacks: {', '.join(unknown[:5])}")
+    listing = root / f"{split}.txt"
+    files: list[str] = []
+    labels: list[int] = []
+    if listing.is_file():
+        for n, line in enumerate(listing.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rel, label = line.rsplit(maxsplit=1)
+                files.append(str(root / rel))
+                labels.append(int(label))
+            except ValueError:
+                raise DatasetError(f"{listing}:{n}: expected 'relative/path label', got {line!r}") from None
+    else:
+        index = {name: i for i, name in enumerate(classes)}
+        for name in found:
+            class_dir = folder / name
+            images = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and _is_image(e.name))
+            files.extend(str(class_dir / f) for f in images)
+            labels.extend([index[name]] * len(images))
+    if not files:
+        raise DatasetError(f"{folder} holds no images (.JPEG, .jpg or .png files in its class folders)")
+    return Split(root=folder, files=tuple(files), labels=tuple(labels), classes=tuple(classes))
+
+
+def index_dataset(root: Path) -> tuple[Split, Split]:
+    """Index the train and val splits of ``root``; val labels use train's class order."""
+    if not root.exists():
+        raise DatasetError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"data path is not a folder: {root}")
+    train = index_split(root, "train")
+    val = index_split(root, "val", classes=train.classes)
+    return train, val

@@ -1,0 +1,101 @@
+"""StageLoader: owns one DALI pipeline and its PyTorch iterator, yields batches on the training device."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import torch
+from nvidia.dali import backend as dali_backend
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipelines.dali import StageSpec, build_train_pipeline, build_val_pipeline
+from pipelines.folder import Split
+from pipelines.integrity import find_broken_image
+
+PREPARE_HINT = "check or repair the dataset with tools/prepare_imagenet.py"
+
+
+class ImageDecodeError(RuntimeError):
+    """A file in the split cannot be read or decoded; DALI's pipeline is dead after this."""
+
+    def __init__(self, path: str | None, reason: str, dali_message: str) -> None:
+        self.path, self.reason, self.dali_message = path, reason, dali_message
+        where = f"{path}: {reason}" if path else f"an image in the dataset could not be decoded ({reason})"
+        super().__init__(f"{where}; {PREPARE_HINT}")
+
+
+def _dali_reason(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        after = lines[lines.index("encountered:") + 1:]
+        if after:
+            return after[0]
+    return lines[-1] if lines else "unknown error"
+
+
+class StageLoader:
+    """Iterate one split at one stage. ``set_stage`` swaps in a new pipeline and frees the old one.
+
+    Training iterates full batches only (the last partial batch is dropped, a fresh shuffle each epoch);
+    evaluation iterates every sample exactly once.
+    """
+
+    def __init__(self, split: Split, spec: StageSpec, *, train: bool, device: torch.device) -> None:
+        self.split, self.train, self.device = split, train, device
+        self.spec = spec
+        self._iterator: DALIGenericIterator | None = None
+
+    def set_stage(self, spec: StageSpec) -> None:
+        if spec != self.spec:
+            self.close()
+            self.spec = spec
+
+    def __len__(self) -> int:
+        per_shard = -(-len(self.split) // self.spec.num_shards)
+        if self.train:
+            return per_shard // self.spec.batch_size
+        return -(-per_shard // self.spec.batch_size)
+
+    def _build(self) -> DALIGenericIterator:
+        builder = build_train_pipeline if self.train else build_val_pipeline
+        pipe = builder(self.split, self.spec)
+        return DALIGenericIterator(
+            [pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
+            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            if self._iterator is None:
+                self._iterator = self._build()  # builds and prefetches: decode errors can surface here
+            for batch in self._iterator:
+                out = batch[0]
+                # NHWC -> NCHW view: channels-last in memory, no copy.
+                images = out["images"].permute(0, 3, 1, 2)
+                labels = out["labels"].squeeze(-1).long()
+                if images.device != self.device:
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                yield images, labels
+        except RuntimeError as e:
+            if "Critical error in pipeline" not in str(e):
+                raise
+            self._iterator = None  # DALI says the pipeline object is no longer valid
+            raise self._explain(str(e)) from None
+
+    def _explain(self, message: str) -> ImageDecodeError:
+        for path in self.split.files:  # some DALI errors (e.g. file mapping) name the file
+            if path in message:
+                return ImageDecodeError(path, _dali_reason(message), message)
+        found = find_broken_image(self.split.files)
+        if found:
+            return ImageDecodeError(found[0], found[1], message)
+        return ImageDecodeError(None, _dali_reason(message), message)
+
+    def close(self) -> None:
+        """Drop the iterator and pipeline and hand DALI's pooled memory back (pools outlive pipelines)."""
+        if self._iterator is not None:
+            self._iterator = None
+            gc.collect()
+            dali_backend.ReleaseUnusedMemory()

@@ -1,0 +1,106 @@
+"""The locality ViT: the FFN's grid mapping, the class-token bypass, any-size inputs, timm registration."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from model import LocalityBlock, LocalityFeedForward, build_model, set_image_size
+
+
+def _identity_ffn(channels: int) -> LocalityFeedForward:
+    ffn = LocalityFeedForward(channels, channels)
+    ffn.act1 = ffn.act2 = nn.Identity()
+    with torch.no_grad():
+        ffn.fc1.weight.copy_(torch.eye(channels))
+        ffn.fc2.weight.copy_(torch.eye(channels))
+    return ffn
+
+
+def test_depthwise_shift_moves_each_token_to_its_grid_neighbour():
+    h, w, c = 3, 5, 4  # not square: a transposed reshape would fail
+    ffn = _identity_ffn(c)
+    with torch.no_grad():
+        ffn.dwconv.weight.zero_()
+        ffn.dwconv.weight[:, 0, 1, 0] = 1.0  # out(y, x) = in(y, x - 1): a shift one pixel to the right
+    tokens = torch.randn(2, h * w, c)
+    out = ffn(tokens, (h, w))
+    grid_in, grid_out = tokens.view(2, h, w, c), out.view(2, h, w, c)
+    torch.testing.assert_close(grid_out[:, :, 1:], grid_in[:, :, :-1])
+    assert torch.all(grid_out[:, :, 0] == 0)  # left column: zero padding, not the previous row's end
+
+
+def test_vertical_shift_moves_tokens_down_one_row():
+    h, w, c = 4, 3, 2
+    ffn = _identity_ffn(c)
+    with torch.no_grad():
+        ffn.dwconv.weight.zero_()
+        ffn.dwconv.weight[:, 0, 0, 1] = 1.0  # out(y, x) = in(y - 1, x)
+    tokens = torch.randn(1, h * w, c)
+    out = ffn(tokens, (h, w)).view(1, h, w, c)
+    torch.testing.assert_close(out[:, 1:], tokens.view(1, h, w, c)[:, :-1])
+
+
+def test_ffn_rejects_tokens_that_do_not_fill_the_grid():
+    with pytest.raises(ValueError, match="grid"):
+        LocalityFeedForward(4, 8)(torch.randn(1, 7, 4), (2, 4))
+
+
+def test_class_token_bypasses_the_feed_forward_network():
+    torch.manual_seed(0)
+    block = LocalityBlock(dim=16, num_heads=2).eval()
+    seen = []
+    block.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    x = torch.randn(2, 1 + 3 * 4, 16)
+    before = block(x, (3, 4))
+    assert seen == [torch.Size([2, 12, 16])]  # the FFN saw the 12 patch tokens only
+    with torch.no_grad():
+        block.mlp.dwconv.weight.mul_(-3.0)
+        block.mlp.fc2.weight.add_(1.0)
+    after = block(x, (3, 4))
+    torch.testing.assert_close(after[:, 0], before[:, 0])  # class token untouched by the FFN
+    assert not torch.allclose(after[:, 1:], before[:, 1:])
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_model_runs_at_any_multiple_of_the_patch_size(size):
+    net = build_model("vit_local_test_patch16", num_classes=7, image_size=64)
+    logits = net(torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+def test_set_image_size_interpolates_the_position_embedding():
+    net = build_model("vit_local_test_patch16", num_classes=3, image_size=32)
+    assert net.pos_embed.shape[1] == 1 + 2 * 2
+    old_cls = net.pos_embed[:, :1].detach().clone()
+    set_image_size(net, 96)
+    assert net.pos_embed.shape[1] == 1 + 6 * 6
+    torch.testing.assert_close(net.pos_embed[:, :1], old_cls)  # class position is carried, not resampled
+    assert net(torch.randn(1, 3, 96, 96)).shape == (1, 3)
+
+
+def test_models_are_registered_with_timm():
+    for name in ("vit_local_small_patch16", "vit_local_tiny_patch16"):
+        assert name in timm.list_models("vit_local_*")
+    net = timm.create_model("vit_local_tiny_patch16", num_classes=10, img_size=64)
+    assert net.embed_dim == 192 and len(net.blocks) == 12 and net.blocks[0].attn.num_heads == 3
+
+
+def test_small_is_deit_small_plus_depthwise_convs_minus_ffn_biases():
+    ours = timm.create_model("vit_local_small_patch16")
+    deit = timm.create_model("deit_small_patch16_224")
+    d, hidden, depth = 384, 4 * 384, 12
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (ours.embed_dim, len(ours.blocks), ours.blocks[0].attn.num_heads) == (d, depth, 6)
+    assert count(ours) == count(deit) + depth * (hidden * 9 - hidden - d)
+
+
+def test_gelu_ablation_swaps_both_activations():
+    net = build_model("vit_local_test_patch16", num_classes=3, image_size=32, act="gelu")
+    ffn = net.blocks[0].mlp
+    assert isinstance(ffn.act1, nn.GELU) and isinstance(ffn.act2, nn.GELU)
+    assert isinstance(build_model("vit_local_test_patch16", num_classes=3, image_size=32).blocks[0].mlp.act1,
+                      nn.Hardswish)

@@ -1,0 +1,127 @@
+"""The run's configuration: one dataclass, filled from command-line flags and checked before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from model import ACTIVATIONS, MODELS
+
+PATCH_SIZE = 16
+DEMO = "demo"
+# What --data demo trains unless told otherwise: sized so a 2-core CPU learns the demo in minutes.
+DEMO_DEFAULTS = {"model": "vit_local_tiny_patch16", "image_size": 64}
+FULL_DEFAULTS = {"model": "vit_local_small_patch16", "image_size": 224}
+
+_BUDGET_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+class ConfigError(ValueError):
+    """A flag's value cannot be used; the message is one line naming the flag."""
+
+
+def parse_budget(text: str) -> float:
+    """'24h', '90m', '3m', '45s', '1h30m' or plain seconds ('600') -> seconds (> 0)."""
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _BUDGET_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ConfigError(f"--budget: cannot read {text!r}; use forms like 24h, 90m, 3m, 45s or 1h30m") from None
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not seconds > 0:
+        raise ConfigError(f"--budget must be positive, got {text!r}")
+    return seconds
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str | None = None
+    model: str = FULL_DEFAULTS["model"]
+    act: str = "hswish"
+    image_size: int = FULL_DEFAULTS["image_size"]
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    drop_path: float | None = None  # None: the model's default
+    budget_s: float = 24 * 3600.0
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    workers: int = 0
+    seed: int = 0
+    eval_every: int = 1
+    log_every_s: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2: no usage block for a single wrong flag
+        self.exit(2, f"vit-train: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' "
+                        "for the built-in generated dataset")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--budget", default="24h", help="wall-clock budget: 24h, 90m, 3m, 45s, 1h30m")
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help=f"default {FULL_DEFAULTS['model']} ({DEMO_DEFAULTS['model']} with --data demo)")
+    p.add_argument("--act", default="hswish", choices=sorted(ACTIVATIONS), help="FFN activation (gelu: ablation)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"train/eval size, a multiple of {PATCH_SIZE} (default {FULL_DEFAULTS['image_size']}; "
+                        f"{DEMO_DEFAULTS['image_size']} with --data demo)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--workers", type=int, default=0, help="DALI CPU threads (0: one per core)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (0: only at the end)")
+    p.add_argument("--log-every", type=float, default=10.0, help="seconds between metrics lines")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly)."""
+    a = build_parser().parse_args(argv)
+    defaults = DEMO_DEFAULTS if a.data == DEMO else FULL_DEFAULTS
+    cfg = TrainConfig(
+        data=a.data, out=a.out, model=a.model or defaults["model"], act=a.act,
+        image_size=a.image_size or defaults["image_size"], batch_size=a.batch_size, lr=a.lr,
+        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, drop_path=a.drop_path,
+        budget_s=parse_budget(a.budget), device=a.device, amp=a.amp, compile=a.compile, workers=a.workers,
+        seed=a.seed, eval_every=a.eval_every, log_every_s=a.log_every,
+    )
+    if cfg.image_size <= 0 or cfg.image_size % PATCH_SIZE:
+        raise ConfigError(
+            f"--image-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.image_size}"
+        )
+    for flag, value in (("--batch-size", cfg.batch_size), ("--lr", cfg.lr)):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    for flag, value in (("--workers", cfg.workers), ("--eval-every", cfg.eval_every),
+                        ("--weight-decay", cfg.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"{flag} must not be negative, got {value}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
+        raise ConfigError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
+    if not cfg.log_every_s > 0:
+        raise ConfigError(f"--log-every must be positive, got {cfg.log_every_s}")
+    return cfg

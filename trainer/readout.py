@@ -1,0 +1,74 @@
+"""The live readout: a rich panel refreshed a few times a second on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class Readout:
+    """Shows the latest numbers the loop reports. The loop calls ``update``; rendering never syncs the device."""
+
+    FIELDS = ("epoch", "image_size", "step", "images_per_sec", "loss", "lr", "top1")
+
+    def __init__(self, budget_s: float, clock: Any, live: bool | None = None, console: Console | None = None) -> None:
+        self.budget_s, self.clock = budget_s, clock
+        self.console = console or Console(file=sys.stdout)
+        self.live = self.console.is_terminal if live is None else live
+        self.state: dict[str, Any] = {}
+        self._live: Live | None = None
+
+    def __enter__(self) -> Readout:
+        if self.live:
+            self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def update(self, **fields: Any) -> None:
+        self.state.update(fields)
+        if not self.live:
+            self.console.print(self._line(), highlight=False, soft_wrap=True)
+
+    def _values(self) -> dict[str, str]:
+        s, elapsed = self.state, self.clock()
+        v = {
+            "epoch": f"{s.get('epoch', 0)}",
+            "size": f"{s.get('image_size', '-')} px",
+            "step": f"{s.get('step', 0)}",
+            "img/s": f"{s['images_per_sec']:.0f}" if "images_per_sec" in s else "-",
+            "loss": f"{s['loss']:.4f}" if "loss" in s else "-",
+            "lr": f"{s['lr']:.2e}" if "lr" in s else "-",
+            "val top1": f"{100 * s['top1']:.1f}%" if "top1" in s else "-",
+            "budget": f"{_duration(elapsed)} / {_duration(self.budget_s)} ({_duration(self.budget_s - elapsed)} left)",
+        }
+        return v
+
+    def _line(self) -> str:
+        return "  ".join(f"{k} {v}" for k, v in self._values().items())
+
+    def _render(self) -> Table:
+        table = Table(title="vit-train", show_header=True, header_style="bold")
+        values = self._values()
+        for key in values:
+            table.add_column(key, justify="right")
+        table.add_row(*values.values())
+        return table

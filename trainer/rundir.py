@@ -1,0 +1,46 @@
+"""The run directory: config.json and summary.json written atomically, metrics.jsonl appended a line at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """One run's folder. Created only once the config and the data have been checked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses one line
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+    def log(self, event: str, **fields: Any) -> None:
+        self._metrics.write(json.dumps({"event": event, **fields}) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
