@@ -1,0 +1,108 @@
+"""vit-train end to end: bad input is refused with one line and exit code 2; a tiny run learns and stops on time."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_colour_dataset
+from trainer.cli import main
+
+TINY = ["--model", "vit_local_test_patch16", "--image-size", "32", "--batch-size", "8", "--workers", "1"]
+
+
+def _refused(capsys, argv: list[str], out: Path, needle: str) -> None:
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda root: root / "nope", "data folder not found"),
+        (lambda root: root, "has no train/ folder"),
+        (lambda root: (root / "train").mkdir() or root, "no class subfolders"),
+        (lambda root: (root / "train" / "cls").mkdir(parents=True) or root, "holds no images"),
+    ],
+    ids=["missing", "empty", "no-class-folders", "no-images"],
+)
+def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
+    root = tmp_path / "data"
+    root.mkdir()
+    data = make(root)
+    _refused(capsys, ["--data", str(data), "--budget", "10s"], tmp_path / "run", needle)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--budget", "soon"], "--budget"),
+        (["--budget", "0m"], "--budget"),
+        (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 16"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_flags_exit_2(tmp_path, capsys, colour_dataset, flags, needle):
+    _refused(capsys, ["--data", str(colour_dataset), *flags], tmp_path / "run", needle)
+
+
+def test_console_script_exit_code_is_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--data", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"vit-train: error: data folder not found: {tmp_path / 'nope'}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
+    out = tmp_path / "run"
+    budget = 20.0
+    assert main(["--data", str(colour_dataset), *TINY, "--budget", f"{budget:.0f}s", "--out", str(out),
+                 "--log-every", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget"
+    assert summary["top1"] >= 0.75  # 3 classes: chance is 1/3
+    assert budget - 3 <= summary["train_s"] <= budget + 1  # training stopped at the budget, not long before/after
+    assert summary["images_seen"] == summary["steps"] * 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["budget_s"] == budget and config["model"] == "vit_local_test_patch16"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m["event"] == "train"]
+    evals = [m for m in lines if m["event"] == "eval"]
+    assert train and evals
+    assert {"step", "epoch", "image_size", "images_per_sec", "loss", "lr", "elapsed_s"} <= train[0].keys()
+    assert {"top1", "top5", "step", "epoch"} <= evals[-1].keys()
+    assert evals[-1]["top1"] == pytest.approx(summary["top1"], abs=1e-4)
+    assert train[-1]["loss"] < 0.8 * math.log(3)  # well under the loss of a uniform guess
+
+
+def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys):
+    data = make_colour_dataset(tmp_path / "data", train_per_class=6, val_per_class=1)
+    good = data / "train" / "a_red" / "a_red_0.JPEG"
+    bad = data / "train" / "a_red" / "a_red_truncated.JPEG"
+    bad.write_bytes(good.read_bytes()[:500])
+    out = tmp_path / "run"
+    assert main(["--data", str(data), *TINY, "--budget", "30s", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "tools/prepare_imagenet.py" in err[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "error" and str(bad) in summary["error"]
+    assert json.loads((out / "config.json").read_text())["model"] == "vit_local_test_patch16"
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "error"
+
+
+def test_run_directory_must_be_new(tmp_path, capsys, colour_dataset):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["--data", str(colour_dataset), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

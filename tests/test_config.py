@@ -1,0 +1,39 @@
+"""Flag parsing and the budget clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.budget import Budget
+from trainer.config import DEMO_DEFAULTS, FULL_DEFAULTS, ConfigError, parse_args, parse_budget
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("24h", 86400), ("90m", 5400), ("3m", 180), ("45s", 45),
+                                               ("1h30m", 5400), ("600", 600), ("1.5h", 5400), ("1d", 86400)])
+def test_budget_forms(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "3 minutes", "0", "-5m", "m", "3m3"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(ConfigError, match="--budget"):
+        parse_budget(text)
+
+
+def test_demo_gets_cpu_sized_defaults_unless_overridden():
+    demo = parse_args(["--data", "demo"])
+    assert (demo.model, demo.image_size) == (DEMO_DEFAULTS["model"], DEMO_DEFAULTS["image_size"])
+    full = parse_args(["--data", "/some/imagenet"])
+    assert (full.model, full.image_size, full.batch_size, full.lr) == (
+        FULL_DEFAULTS["model"], FULL_DEFAULTS["image_size"], 64, 1e-3)
+    assert parse_args(["--data", "demo", "--image-size", "96"]).image_size == 96
+
+
+def test_budget_can_fit_uses_the_clock():
+    now = [100.0]
+    budget = Budget(60, clock=lambda: now[0])
+    assert budget.can_fit(60) and not budget.can_fit(61)
+    now[0] = 150.0
+    assert budget.elapsed == 50 and budget.remaining == 10
+    assert budget.can_fit(10) and not budget.can_fit(10.5)
+    assert budget.fraction == pytest.approx(50 / 60)
