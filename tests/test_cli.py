@@ -48,6 +48,7 @@ def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
         (["--budget", "0m"], "--budget"),
         (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 16"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "25"], "--batch-size 25 is larger than the 24 images"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, colour_dataset, flags, needle):

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         out = _out_dir(cfg)
         train_split, val_split = index_dataset(_data_root(cfg))
+        if len(train_split) < cfg.batch_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_split)} images "
+                              f"in {train_split.root}: training drops partial batches")
     except (ConfigError, DatasetError) as e:
         return _fail(str(e))
 

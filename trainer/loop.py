@@ -59,7 +59,7 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
 
     net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=cfg.image_size,
                       act=cfg.act, drop_path=cfg.drop_path)
@@ -73,8 +73,6 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     spec = stage_spec(cfg, device, cfg.batch_size)
     train_batches = StageLoader(train_split, spec, train=True, device=device)
     val_batches = StageLoader(val_split, replace(spec, batch_size=EVAL_BATCH), train=False, device=device)
-    if len(train_batches) == 0:
-        raise ValueError(f"the train split has {len(train_split)} images, fewer than one batch of {cfg.batch_size}")
 
     params = sum(p.numel() for p in net.parameters())
     run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype),
@@ -88,7 +86,6 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     lr = optimizer.param_groups[0]["lr"]
     step_s: float | None = None  # moving average of one step's wall time, data wait included
     last_eval: dict[str, float] | None = None
-    stop_reason = "budget"
     net.train()
     last_log_t, last_log_images = budget.elapsed, state.images_seen
     while True:
@@ -141,7 +138,7 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         "epochs": round(state.epoch + state.epoch_progress, 4), "steps": state.step,
         "images_seen": state.images_seen, "elapsed_s": round(budget.elapsed, 3), "train_s": round(train_s, 3),
         "budget_s": cfg.budget_s, "overshoot_s": round(budget.elapsed - cfg.budget_s, 3),
-        "stop_reason": stop_reason, "model": cfg.model, "image_size": cfg.image_size, "params": params,
+        "stop_reason": "budget", "model": cfg.model, "image_size": cfg.image_size, "params": params,
         "device": str(device), "state": asdict(state),
     }
     return summary
