@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from timm.layers import Attention, DropPath, LayerNorm, LayerScale
 from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from model.grid_vit import GridViT, create, grid_to_tokens, split_prefix, tokens_to_grid
 
 __all__ = ["LocalityFeedForward", "LocalityBlock", "LocalityViT", "ACTIVATIONS"]
 
@@ -32,16 +33,8 @@ class LocalityFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        b, n, _ = x.shape
-        h, w = grid
-        if n != h * w:
-            raise ValueError(f"{n} tokens do not fill a {h}x{w} grid")
-        x = self.act1(self.fc1(x))
-        # (B, H*W, C) -> (B, H, W, C) -> permuted to an NCHW view that is channels-last in memory:
-        # no copy, and the layout cuDNN's depth-wise kernels prefer.
-        x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
-        x = self.act2(self.dwconv(x))
-        x = x.permute(0, 2, 3, 1).reshape(b, n, -1)
+        x = tokens_to_grid(self.act1(self.fc1(x)), grid)  # channels-last: the layout cuDNN's depth-wise kernels like
+        x = grid_to_tokens(self.act2(self.dwconv(x)))
         return self.fc2(x)
 
 
@@ -74,62 +67,46 @@ class LocalityBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        n_prefix = x.shape[1] - grid[0] * grid[1]
-        prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
+        prefix, patches = split_prefix(x, grid)
         patches = patches + self.drop_path2(self.ls2(self.mlp(self.norm2(patches), grid)))
         return torch.cat([prefix, patches], dim=1)
 
 
-class LocalityViT(VisionTransformer):
-    """timm's VisionTransformer with locality blocks; accepts any input size that is a multiple of the patch.
-
-    The positional embedding is stored for one grid (``set_input_size`` resamples the parameter, as the
-    curriculum does at a stage change); an input of another size is served by resampling it on the fly.
-    """
+class LocalityViT(GridViT):
+    """timm's VisionTransformer with locality blocks (``act``: "hswish", the paper's, or "gelu", the ablation)."""
 
     def __init__(self, act: str = "hswish", **kwargs: Any) -> None:
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
         kwargs.setdefault("norm_layer", partial(LayerNorm, eps=1e-6))
-        super().__init__(block_fn=LocalityBlock, act_layer=ACTIVATIONS[act], dynamic_img_size=True, **kwargs)
-
-    def forward_features(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, H, W, D): dynamic_img_size defers the flatten
-        grid = (x.shape[1], x.shape[2])
-        x = self._pos_embed(x)
-        x = self.norm_pre(self.patch_drop(x))
-        for block in self.blocks:
-            x = block(x, grid)
-        return self.norm(x)
+        super().__init__(block_fn=LocalityBlock, act_layer=ACTIVATIONS[act], **kwargs)
 
 
-def _create(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> LocalityViT:
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights: it is trained from scratch by vit-train")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)
-    return LocalityViT(**{**defaults, **kwargs})
+_SIZES = {
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "test": dict(embed_dim=96, depth=4, num_heads=2, drop_path_rate=0.0),
+}
+
+
+def _locality(size: str, pretrained: bool, kwargs: dict[str, Any]) -> LocalityViT:
+    defaults = {"patch_size": 16, "mlp_ratio": 4.0, "drop_path_rate": 0.1, **_SIZES[size]}
+    return create(LocalityViT, f"vit_local_{size}_patch16", pretrained, defaults, kwargs)
 
 
 @register_model
 def vit_local_small_patch16(pretrained: bool = False, **kwargs: Any) -> LocalityViT:
     """The paper's model: DeiT-S size (dim 384, depth 12, 6 heads) with locality feed-forward networks."""
-    return _create("vit_local_small_patch16", pretrained,
-                   dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.1), kwargs)
+    return _locality("small", pretrained, kwargs)
 
 
 @register_model
 def vit_local_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> LocalityViT:
     """DeiT-Ti size (dim 192, depth 12, 3 heads): the CPU-sized variant."""
-    return _create("vit_local_tiny_patch16", pretrained,
-                   dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, drop_path_rate=0.1), kwargs)
+    return _locality("tiny", pretrained, kwargs)
 
 
 @register_model
 def vit_local_test_patch16(pretrained: bool = False, **kwargs: Any) -> LocalityViT:
     """A few-block model for tests and quick CPU runs (dim 96, depth 4, 2 heads)."""
-    return _create("vit_local_test_patch16", pretrained,
-                   dict(patch_size=16, embed_dim=96, depth=4, num_heads=2, mlp_ratio=4.0, drop_path_rate=0.0), kwargs)
+    return _locality("test", pretrained, kwargs)

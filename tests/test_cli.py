@@ -48,6 +48,7 @@ def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
         (["--budget", "0m"], "--budget"),
         (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 16"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--model", "deit_small_patch16_224", "--act", "gelu"], "--act gelu applies to the locality models"),
         (["--batch-size", "25"], "--batch-size 25 is larger than the 24 images"),
     ],
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from torch import nn
 
-from model import LocalityBlock, LocalityFeedForward, build_model, set_image_size
+from model import MODELS, LocalityBlock, LocalityFeedForward, LocalViTBlock, build_model, set_grid
 
 
 def _identity_ffn(channels: int) -> LocalityFeedForward:
@@ -72,19 +74,21 @@ def test_model_runs_at_any_multiple_of_the_patch_size(size):
     assert torch.isfinite(logits).all()
 
 
-def test_set_image_size_interpolates_the_position_embedding():
+def test_set_grid_interpolates_the_position_embedding_in_place():
     net = build_model("vit_local_test_patch16", num_classes=3, image_size=32)
     assert net.pos_embed.shape[1] == 1 + 2 * 2
     old_cls = net.pos_embed[:, :1].detach().clone()
-    set_image_size(net, 96)
+    param = net.pos_embed
+    assert set_grid(net, 96) == (2, 2)
+    assert net.pos_embed is param  # an optimizer holding it keeps holding it
     assert net.pos_embed.shape[1] == 1 + 6 * 6
     torch.testing.assert_close(net.pos_embed[:, :1], old_cls)  # class position is carried, not resampled
     assert net(torch.randn(1, 3, 96, 96)).shape == (1, 3)
 
 
 def test_models_are_registered_with_timm():
-    for name in ("vit_local_small_patch16", "vit_local_tiny_patch16"):
-        assert name in timm.list_models("vit_local_*")
+    for name in ("vit_local_small_patch16", "vit_local_tiny_patch16", "localvit_small_patch16"):
+        assert name in timm.list_models()
     net = timm.create_model("vit_local_tiny_patch16", num_classes=10, img_size=64)
     assert net.embed_dim == 192 and len(net.blocks) == 12 and net.blocks[0].attn.num_heads == 3
 
@@ -104,3 +108,74 @@ def test_gelu_ablation_swaps_both_activations():
     assert isinstance(ffn.act1, nn.GELU) and isinstance(ffn.act2, nn.GELU)
     assert isinstance(build_model("vit_local_test_patch16", num_classes=3, image_size=32).blocks[0].mlp.act1,
                       nn.Hardswish)
+
+
+def _count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_deit_small_is_timms_deit_small_exactly():
+    ours = build_model("deit_small_patch16_224", num_classes=1000)
+    assert _count(ours) == _count(timm.create_model("deit_small_patch16_224"))
+    assert ours(torch.randn(1, 3, 64, 64)).shape == (1, 1000)  # any multiple of 16, like ours
+
+
+def test_localvit_small_matches_its_published_size():
+    net = build_model("localvit_small_patch16", num_classes=1000)
+    assert abs(_count(net) - 22.4e6) / 22.4e6 < 0.01
+    assert net.blocks[0].attn.num_heads == 8 and net.embed_dim == 384 and len(net.blocks) == 12
+    assert not hasattr(net.blocks[0], "norm2")  # no LayerNorm before LocalViT's FFN
+    se = net.blocks[0].mlp.se
+    assert se.fc1.out_channels == 4 * 384 // 384 and isinstance(se.act, nn.ReLU) and isinstance(se.gate, nn.Hardsigmoid)
+    bns = [m for m in net.blocks[0].mlp.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 3
+
+
+def test_localvit_batchnorm_uses_batch_statistics_in_train_and_running_ones_in_eval():
+    torch.manual_seed(0)
+    block = LocalViTBlock(dim=16, num_heads=2)
+    x = torch.randn(4, 1 + 9, 16)
+    bn = block.mlp.bn1
+    before = bn.running_mean.clone()
+    block.train()
+    full, first = block(x, (3, 3)), block(x[:1], (3, 3))
+    assert not torch.allclose(full[:1, 1:], first[:, 1:], atol=1e-5)  # depends on the rest of the batch
+    assert not torch.equal(bn.running_mean, before)  # running statistics moved
+    block.eval()
+    torch.testing.assert_close(block(x, (3, 3))[:1], block(x[:1], (3, 3)))  # per-sample in eval
+    torch.testing.assert_close(full[:, 0], block.train()(x, (3, 3))[:, 0])  # class token never enters the FFN
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("size", [32, 224])
+def test_every_model_trains_one_step_and_its_position_embedding_learns(name, size):
+    torch.manual_seed(0)
+    net = build_model(name, num_classes=10, image_size=size)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    before = net.pos_embed.detach().clone()
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    loss = nn.functional.cross_entropy(net(x), torch.tensor([1, 7]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net.pos_embed.grad is not None and net.pos_embed.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(net.pos_embed, before)
+
+
+def test_gelu_ablation_has_no_hardswish_anywhere():
+    net = build_model("vit_local_small_patch16", num_classes=10, act="gelu")
+    kinds = {type(m) for m in net.modules()}
+    assert nn.Hardswish not in kinds and nn.GELU in kinds
+    assert nn.Hardswish in {type(m) for m in build_model("vit_local_small_patch16", num_classes=10).modules()}
+
+
+def test_act_ablation_is_refused_for_baselines():
+    with pytest.raises(ValueError, match="locality models"):
+        build_model("deit_small_patch16_224", num_classes=10, act="gelu")
+
+
+def test_readme_model_table_is_the_tools_output():
+    from tools.model_table import model_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert model_table() in readme

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from model import ACTIVATIONS, MODELS
+from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 
 PATCH_SIZE = 16
 DEMO = "demo"
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="24h", help="wall-clock budget: 24h, 90m, 3m, 45s, 1h30m")
     p.add_argument("--model", default=None, choices=MODELS,
                    help=f"default {FULL_DEFAULTS['model']} ({DEMO_DEFAULTS['model']} with --data demo)")
-    p.add_argument("--act", default="hswish", choices=sorted(ACTIVATIONS), help="FFN activation (gelu: ablation)")
+    p.add_argument("--act", default="hswish", choices=sorted(ACTIVATIONS),
+                   help="FFN activation of the locality models (gelu: the paper's ablation)")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"train/eval size, a multiple of {PATCH_SIZE} (default {FULL_DEFAULTS['image_size']}; "
                         f"{DEMO_DEFAULTS['image_size']} with --data demo)")
@@ -122,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
     if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
         raise ConfigError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
+    if cfg.act != "hswish" and cfg.model not in LOCALITY_MODELS:
+        raise ConfigError(f"--act {cfg.act} applies to the locality models ({', '.join(LOCALITY_MODELS)}), "
+                          f"not {cfg.model}")
     if not cfg.log_every_s > 0:
         raise ConfigError(f"--log-every must be positive, got {cfg.log_every_s}")
     return cfg
