@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import timm
-import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 import model.locality_vit  # noqa: F401  (registers the models with timm)
@@ -39,20 +37,16 @@ def build_model(name: str, *, num_classes: int, image_size: int = BASE_IMAGE_SIZ
     return net
 
 
-@torch.no_grad()
 def set_grid(net: nn.Module, image_size: int) -> tuple[int, int]:
     """Resize the stored position embedding, by bicubic interpolation, to the patch grid of ``image_size``.
 
-    The ``pos_embed`` Parameter object is kept (its data replaced), so an optimizer that holds it keeps holding
-    it; only the optimizer's state for it (e.g. Adam's moments) has the old shape, which the caller must resize
-    or reset. Returns the old grid.
+    When the grid changes, ``net.pos_embed`` becomes a new Parameter (timm's ``set_input_size``). It cannot be
+    resized in place: once a backward pass has run, autograd's gradient accumulator for the old Parameter keeps
+    its old shape and rejects the new gradient. An optimizer holding the old Parameter must be pointed at the new
+    one (``trainer.resize.resize_for_stage`` does, with its state). Returns the old grid.
     """
     old_grid = tuple(net.patch_embed.grid_size)
-    net.patch_embed.set_input_size(img_size=(image_size, image_size))
-    new_grid = tuple(net.patch_embed.grid_size)
-    if new_grid != old_grid:
-        prefix = 0 if net.no_embed_class else net.num_prefix_tokens
-        net.pos_embed.data = resample_abs_pos_embed(net.pos_embed.data, new_size=new_grid, old_size=old_grid,
-                                                    num_prefix_tokens=prefix)
+    if old_grid != (image_size // net.patch_embed.patch_size[0], image_size // net.patch_embed.patch_size[1]):
+        net.set_input_size(img_size=(image_size, image_size))
     return old_grid
 

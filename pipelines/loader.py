@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from nvidia.dali import backend as dali_backend
@@ -47,9 +48,11 @@ class StageLoader:
         self._iterator: DALIGenericIterator | None = None
 
     def set_stage(self, spec: StageSpec) -> None:
-        if spec != self.spec:
+        """Switch to ``spec`` now: the old pipeline is freed and the new one built and prefetching on return."""
+        if spec != self.spec or self._iterator is None:
             self.close()
             self.spec = spec
+            self._start()
 
     def __len__(self) -> int:
         per_shard = -(-len(self.split) // self.spec.num_shards)
@@ -65,10 +68,24 @@ class StageLoader:
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
         )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _start(self) -> None:
+        with self._decode_errors():
+            self._iterator = self._build()  # builds and prefetches: decode errors can surface here
+
+    @contextmanager
+    def _decode_errors(self) -> Iterator[None]:
         try:
-            if self._iterator is None:
-                self._iterator = self._build()  # builds and prefetches: decode errors can surface here
+            yield
+        except RuntimeError as e:
+            if "Critical error in pipeline" not in str(e):
+                raise
+            self._iterator = None  # DALI says the pipeline object is no longer valid
+            raise self._explain(str(e)) from None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._iterator is None:
+            self._start()
+        with self._decode_errors():
             for batch in self._iterator:
                 out = batch[0]
                 # NHWC -> NCHW view: channels-last in memory, no copy.
@@ -78,11 +95,6 @@ class StageLoader:
                     images = images.to(self.device, non_blocking=True)
                     labels = labels.to(self.device, non_blocking=True)
                 yield images, labels
-        except RuntimeError as e:
-            if "Critical error in pipeline" not in str(e):
-                raise
-            self._iterator = None  # DALI says the pipeline object is no longer valid
-            raise self._explain(str(e)) from None
 
     def _explain(self, message: str) -> ImageDecodeError:
         for path in self.split.files:  # some DALI errors (e.g. file mapping) name the file

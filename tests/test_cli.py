@@ -48,6 +48,10 @@ def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
         (["--budget", "0m"], "--budget"),
         (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 16"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--curriculum", "40:32:5"], "--curriculum: the start size 40 is not a multiple"),
+        (["--curriculum", "32:32:0"], "--curriculum: the epochs per stage N must be positive"),
+        (["--curriculum", "64:32:5", "--image-size", "32"], "--curriculum: the start size 64 must lie in"),
+        (["--eval-size", "50"], "--eval-size must be a positive multiple"),
         (["--model", "deit_small_patch16_224", "--act", "gelu"], "--act gelu applies to the locality models"),
         (["--batch-size", "25"], "--batch-size 25 is larger than the 24 images"),
     ],
@@ -108,3 +112,22 @@ def test_run_directory_must_be_new(tmp_path, capsys, colour_dataset):
     (out / "summary.json").write_text("{}")
     assert main(["--data", str(colour_dataset), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_run_across_stages_keeps_training_and_evaluates_at_the_final_size(tmp_path, colour_dataset):
+    out = tmp_path / "run"
+    argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--batch-size", "8", "--workers", "1",
+            "--curriculum", "32:16:2", "--image-size", "64", "--budget", "20s", "--out", str(out), "--log-every", "1"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = [m for m in lines if m["event"] == "stage"]
+    assert [(s["stage"], s["epoch"], s["image_size"]) for s in stages] == [(0, 0, 32), (1, 2, 48), (2, 4, 64)]
+    assert all(s["rebuild_s"] >= 0 for s in stages)
+    evals = [m for m in lines if m["event"] == "eval"]
+    assert {e["image_size"] for e in evals} == {64}
+    assert {e["stage"] for e in evals} == {0, 1, 2}
+    trains = [m for m in lines if m["event"] == "train"]
+    assert all(math.isfinite(t["loss"]) for t in trains)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages_reached"] == 3 and summary["image_size"] == 64
+    assert summary["top1"] >= 0.75  # 3 classes

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
+from trainer.curriculum import CurriculumPlan, PlanError
 
 PATCH_SIZE = 16
 DEMO = "demo"
+PAPER_CURRICULUM = "32:32:5"  # the paper's best: start at 32 px, +32 px every 5 epochs, up to --image-size
 # What --data demo trains unless told otherwise: sized so a 2-core CPU learns the demo in minutes.
 DEMO_DEFAULTS = {"model": "vit_local_tiny_patch16", "image_size": 64}
 FULL_DEFAULTS = {"model": "vit_local_small_patch16", "image_size": 224}
@@ -44,8 +46,12 @@ class TrainConfig:
     out: str | None = None
     model: str = FULL_DEFAULTS["model"]
     act: str = "hswish"
-    image_size: int = FULL_DEFAULTS["image_size"]
+    image_size: int = FULL_DEFAULTS["image_size"]  # the final size F
+    curriculum: str | None = PAPER_CURRICULUM  # None: F from the first epoch
+    eval_size: int | None = None  # None: F
     batch_size: int = 64
+    stage_batch: str = "fixed"
+    max_batch: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
@@ -59,6 +65,15 @@ class TrainConfig:
     eval_every: int = 1
     log_every_s: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def plan(self) -> CurriculumPlan:
+        if self.curriculum is None:
+            return CurriculumPlan.fixed(self.image_size, PATCH_SIZE)
+        return CurriculumPlan.parse(self.curriculum, final=self.image_size, patch=PATCH_SIZE)
+
+    @property
+    def final_eval_size(self) -> int:
+        return self.eval_size or self.image_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help=f"train/eval size, a multiple of {PATCH_SIZE} (default {FULL_DEFAULTS['image_size']}; "
                         f"{DEMO_DEFAULTS['image_size']} with --data demo)")
+    p.add_argument("--curriculum", default=PAPER_CURRICULUM, metavar="S:M:N",
+                   help="image-size curriculum: start at S px, add M px every N epochs, up to --image-size")
+    p.add_argument("--no-curriculum", action="store_true", help="train at --image-size from the first epoch")
+    p.add_argument("--eval-size", type=int, default=None, help="evaluation size (default: --image-size)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--stage-batch", default="fixed", choices=("fixed", "tokens"),
+                   help="tokens: scale the batch by (final/size)^2 at small stages (lr by its square root)")
+    p.add_argument("--max-batch", type=int, default=1024, help="cap for --stage-batch tokens")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -103,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     defaults = DEMO_DEFAULTS if a.data == DEMO else FULL_DEFAULTS
     cfg = TrainConfig(
         data=a.data, out=a.out, model=a.model or defaults["model"], act=a.act,
-        image_size=a.image_size or defaults["image_size"], batch_size=a.batch_size, lr=a.lr,
+        image_size=a.image_size or defaults["image_size"], curriculum=None if a.no_curriculum else a.curriculum,
+        eval_size=a.eval_size, batch_size=a.batch_size, stage_batch=a.stage_batch, max_batch=a.max_batch, lr=a.lr,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, drop_path=a.drop_path,
         budget_s=parse_budget(a.budget), device=a.device, amp=a.amp, compile=a.compile, workers=a.workers,
         seed=a.seed, eval_every=a.eval_every, log_every_s=a.log_every,
@@ -112,7 +135,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(
             f"--image-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.image_size}"
         )
-    for flag, value in (("--batch-size", cfg.batch_size), ("--lr", cfg.lr)):
+    if cfg.eval_size is not None and (cfg.eval_size <= 0 or cfg.eval_size % PATCH_SIZE):
+        raise ConfigError(
+            f"--eval-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.eval_size}"
+        )
+    try:
+        cfg.plan()
+    except PlanError as e:
+        raise ConfigError(str(e)) from None
+    for flag, value in (("--batch-size", cfg.batch_size), ("--lr", cfg.lr), ("--max-batch", cfg.max_batch)):
         if not value > 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     for flag, value in (("--workers", cfg.workers), ("--eval-every", cfg.eval_every),

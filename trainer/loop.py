@@ -1,8 +1,10 @@
-"""The training loop, top to bottom: build -> epochs of steps until the budget says stop -> final evaluation."""
+"""The training loop, top to bottom: build -> per epoch (stage change -> steps until the budget says stop -> eval)
+-> final evaluation at the final size."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -13,8 +15,10 @@ from model import build_model
 from pipelines import Split, StageLoader, StageSpec
 from trainer.budget import Budget
 from trainer.config import TrainConfig
+from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.evaluate import evaluate
 from trainer.readout import Readout
+from trainer.resize import resize_for_stage
 from trainer.rundir import RunDir
 
 EVAL_BATCH = 128
@@ -26,6 +30,10 @@ class TrainState:
     step: int = 0
     images_seen: int = 0
     epoch_progress: float = 0.0  # fraction of the current epoch done when the run stopped
+    stage: int = -1
+    image_size: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,11 +53,21 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def stage_spec(cfg: TrainConfig, device: torch.device, batch_size: int) -> StageSpec:
+def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int) -> StageSpec:
     gpu = device.type == "cuda"
-    return StageSpec(image_size=cfg.image_size, batch_size=batch_size, device="gpu" if gpu else "cpu",
+    return StageSpec(image_size=image_size, batch_size=batch_size, device="gpu" if gpu else "cpu",
                      device_id=(device.index or 0) if gpu else None, num_threads=cfg.workers,
                      seed=cfg.seed, half=gpu)
+
+
+def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> list[str]:
+    lines = [f"{'stage':>5} {'epochs':>9} {'size':>5} {'tokens':>6} {'batch':>5}"]
+    for s in plan.stages():
+        epochs = f"{s.first_epoch}-{s.last_epoch}" if s.last_epoch is not None else f"{s.first_epoch}+"
+        batch = stage_batch_size(cfg.batch_size, s.image_size, plan.final, cfg.stage_batch,
+                                 min(cfg.max_batch, train_images))
+        lines.append(f"{s.index:>5} {epochs:>9} {s.image_size:>5} {s.tokens:>6} {batch:>5}")
+    return lines
 
 
 def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
@@ -60,35 +78,45 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
+    plan = cfg.plan()
 
-    net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=cfg.image_size,
+    net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=plan.start,
                       act=cfg.act, drop_path=cfg.drop_path)
     net = net.to(device, memory_format=torch.channels_last)
-    forward = torch.compile(net) if cfg.compile else net
+    if cfg.compile:
+        # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, plan.num_stages + 2)
+    forward = torch.compile(net, dynamic=False) if cfg.compile else net
     groups = param_groups_weight_decay(net, cfg.weight_decay, net.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    spec = stage_spec(cfg, device, cfg.batch_size)
-    train_batches = StageLoader(train_split, spec, train=True, device=device)
-    val_batches = StageLoader(val_split, replace(spec, batch_size=EVAL_BATCH), train=False, device=device)
+    train_batches = StageLoader(train_split, stage_spec(cfg, device, plan.start, cfg.batch_size), train=True,
+                                device=device)
+    val_batches = StageLoader(val_split, stage_spec(cfg, device, cfg.final_eval_size, EVAL_BATCH), train=False,
+                              device=device)
 
     params = sum(p.numel() for p in net.parameters())
     run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype),
-            image_size=cfg.image_size, train_images=len(train_split), val_images=len(val_split),
-            steps_per_epoch=len(train_batches), elapsed_s=budget.elapsed)
+            train_images=len(train_split), val_images=len(val_split), stages=[asdict(s) for s in plan.stages()],
+            eval_size=cfg.final_eval_size, elapsed_s=budget.elapsed)
     readout.message(f"{cfg.model} ({params / 1e6:.1f}M params) on {device}, amp {amp_dtype}, "
                     f"{len(train_split)} train / {len(val_split)} val images, {len(train_split.classes)} classes, "
-                    f"{cfg.image_size} px, budget {cfg.budget_s:.0f}s")
+                    f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
+    for line in plan_lines(plan, cfg, len(train_split)):
+        readout.message(line)
 
     state = TrainState()
-    lr = optimizer.param_groups[0]["lr"]
-    step_s: float | None = None  # moving average of one step's wall time, data wait included
+    step_s: float | None = None  # moving average of one step's wall time at this stage, data wait included
     last_eval: dict[str, float] | None = None
     net.train()
     last_log_t, last_log_images = budget.elapsed, state.images_seen
     while True:
+        if plan.stage_at(state.epoch) != state.stage:
+            _enter_stage(plan, state, cfg, net, optimizer, train_batches, device, run, readout, budget,
+                         len(train_split))
+            step_s = None
         epoch_steps = 0
         t_prev = budget.elapsed
         out_of_time = False
@@ -112,8 +140,9 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             if now - last_log_t >= cfg.log_every_s:
                 loss_value = loss.item()  # the one host sync per log interval
                 ips = (state.images_seen - last_log_images) / (now - last_log_t)
-                fields = dict(step=state.step, epoch=state.epoch, image_size=cfg.image_size,
-                              images_per_sec=round(ips, 2), loss=round(loss_value, 5), lr=lr, elapsed_s=round(now, 3))
+                fields = dict(step=state.step, epoch=state.epoch, stage=state.stage, image_size=state.image_size,
+                              batch_size=state.batch_size, images_per_sec=round(ips, 2), loss=round(loss_value, 5),
+                              lr=state.lr, elapsed_s=round(now, 3))
                 run.log("train", **fields)
                 readout.update(**fields)
                 last_log_t, last_log_images = now, state.images_seen
@@ -133,25 +162,51 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
     train_batches.close()
     val_batches.close()
-    summary = {
+    return {
         "top1": last_eval["top1"], "top5": last_eval["top5"],
         "epochs": round(state.epoch + state.epoch_progress, 4), "steps": state.step,
         "images_seen": state.images_seen, "elapsed_s": round(budget.elapsed, 3), "train_s": round(train_s, 3),
         "budget_s": cfg.budget_s, "overshoot_s": round(budget.elapsed - cfg.budget_s, 3),
-        "stop_reason": "budget", "model": cfg.model, "image_size": cfg.image_size, "params": params,
+        "stop_reason": "budget", "model": cfg.model, "image_size": state.image_size,
+        "eval_size": cfg.final_eval_size, "stages_reached": state.stage + 1, "params": params,
         "device": str(device), "state": asdict(state),
     }
-    return summary
+
+
+def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net: nn.Module,
+                 optimizer: torch.optim.Optimizer, train_batches: StageLoader, device: torch.device, run: RunDir,
+                 readout: Readout, budget: Budget, train_images: int) -> None:
+    """Stage change at an epoch boundary: new size and batch, position embedding and optimizer state resized,
+    the loader rebuilt (the old pipeline freed)."""
+    start = time.monotonic()
+    state.stage = plan.stage_at(state.epoch)
+    state.image_size = plan.size_at(state.epoch)
+    state.batch_size = stage_batch_size(cfg.batch_size, state.image_size, plan.final, cfg.stage_batch,
+                                        min(cfg.max_batch, train_images))
+    state.lr = stage_lr(cfg.lr, state.batch_size, cfg.batch_size)
+    for group in optimizer.param_groups:
+        group["lr"] = state.lr
+    resize_for_stage(net, optimizer, state.image_size)
+    train_batches.set_stage(stage_spec(cfg, device, state.image_size, state.batch_size))
+    rebuild_s = time.monotonic() - start
+    fields = dict(stage=state.stage, epoch=state.epoch, image_size=state.image_size, batch_size=state.batch_size,
+                  lr=state.lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),
+                  elapsed_s=round(budget.elapsed, 3))
+    run.log("stage", **fields)
+    readout.update(**fields)
+    if readout.live:
+        readout.message(f"stage {state.stage}: {state.image_size} px, batch {state.batch_size}, "
+                        f"rebuilt in {rebuild_s:.2f}s")
 
 
 def _evaluate(net: nn.Module, val_batches: StageLoader, amp_dtype: torch.dtype | None, state: TrainState,
               cfg: TrainConfig, run: RunDir, readout: Readout, budget: Budget) -> dict[str, float]:
     result = evaluate(net, val_batches, amp_dtype)
-    fields = dict(step=state.step, epoch=round(state.epoch + state.epoch_progress, 4), image_size=cfg.image_size,
-                  top1=round(result["top1"], 5), top5=round(result["top5"], 5), eval_s=round(result["eval_s"], 3),
-                  elapsed_s=round(budget.elapsed, 3))
+    fields = dict(step=state.step, epoch=round(state.epoch + state.epoch_progress, 4), stage=state.stage,
+                  image_size=cfg.final_eval_size, top1=round(result["top1"], 5), top5=round(result["top5"], 5),
+                  eval_s=round(result["eval_s"], 3), elapsed_s=round(budget.elapsed, 3))
     run.log("eval", **fields)
-    readout.update(**fields)
+    readout.update(**{k: v for k, v in fields.items() if k != "image_size"})
     if readout.live:  # plain mode already printed the line
         readout.message(
             f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  top5 {100 * result['top5']:.2f}%"

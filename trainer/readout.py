@@ -52,7 +52,9 @@ class Readout:
         s, elapsed = self.state, self.clock()
         v = {
             "epoch": f"{s.get('epoch', 0)}",
+            "stage": f"{s.get('stage', 0)}",
             "size": f"{s.get('image_size', '-')} px",
+            "batch": f"{s.get('batch_size', '-')}",
             "step": f"{s.get('step', 0)}",
             "img/s": f"{s['images_per_sec']:.0f}" if "images_per_sec" in s else "-",
             "loss": f"{s['loss']:.4f}" if "loss" in s else "-",

@@ -1,0 +1,61 @@
+"""The curriculum plan: the paper's rule, invalid plans, per-stage batch and lr."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.curriculum import CurriculumPlan, PlanError, stage_batch_size, stage_lr
+
+
+def test_papers_best_plan():
+    plan = CurriculumPlan.parse("32:32:5", final=224)
+    assert [plan.size_at(e) for e in range(5)] == [32] * 5
+    assert [plan.size_at(e) for e in range(5, 10)] == [64] * 5
+    assert [plan.size_at(e) for e in (10, 15, 20, 25)] == [96, 128, 160, 192]
+    assert all(plan.size_at(e) == 224 for e in (30, 31, 100, 10_000))
+    stages = plan.stages()
+    assert [s.image_size for s in stages] == [32, 64, 96, 128, 160, 192, 224]
+    assert [s.tokens for s in stages] == [4, 16, 36, 64, 100, 144, 196]
+    assert (stages[1].first_epoch, stages[1].last_epoch) == (5, 9)
+    assert stages[-1].first_epoch == 30 and stages[-1].last_epoch is None
+    assert plan.stage_at(0) == 0 and plan.stage_at(9) == 1 and plan.stage_at(500) == 6
+
+
+def test_step_that_overshoots_is_capped_at_the_final_size():
+    plan = CurriculumPlan.parse("32:64:2", final=128)
+    assert [s.image_size for s in plan.stages()] == [32, 96, 128]
+    assert plan.size_at(100) == 128
+
+
+def test_no_curriculum_is_one_stage_at_the_final_size():
+    plan = CurriculumPlan.fixed(224)
+    assert [(s.image_size, s.first_epoch, s.last_epoch) for s in plan.stages()] == [(224, 0, None)]
+    assert plan.size_at(0) == plan.size_at(99) == 224
+
+
+@pytest.mark.parametrize(
+    ("text", "final", "needle"),
+    [
+        ("40:32:5", 224, "start size 40 is not a multiple"),
+        ("32:20:5", 224, "size step 20 is not a multiple"),
+        ("32:32:5", 200, "final size 200 is not a multiple"),
+        ("256:32:5", 224, "start size 256 must lie in"),
+        ("32:0:5", 224, "step M must be positive"),
+        ("32:-16:5", 224, "step M must be positive"),
+        ("32:32:0", 224, "epochs per stage N must be positive"),
+        ("32:32", 224, "expected START:STEP:EPOCHS"),
+        ("a:b:c", 224, "expected START:STEP:EPOCHS"),
+    ],
+)
+def test_invalid_plans_are_refused(text, final, needle):
+    with pytest.raises(PlanError, match=needle):
+        CurriculumPlan.parse(text, final=final)
+
+
+def test_token_batch_rule():
+    assert stage_batch_size(64, 32, 224, "fixed", 1024) == 64
+    assert stage_batch_size(64, 224, 224, "tokens", 1024) == 64
+    assert stage_batch_size(64, 112, 224, "tokens", 1024) == 256  # (224/112)^2 = 4
+    assert stage_batch_size(64, 32, 224, "tokens", 1024) == 1024  # 49x, capped
+    assert stage_batch_size(64, 160, 224, "tokens", 1024) == 120  # 125.4 rounded down to a multiple of 8
+    assert stage_lr(1e-3, 256, 64) == pytest.approx(2e-3)
