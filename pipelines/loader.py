@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,15 @@ from pipelines.folder import Split
 from pipelines.integrity import find_broken_image
 
 PREPARE_HINT = "check or repair the dataset with tools/prepare_imagenet.py"
+
+
+def _load_malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+_malloc_trim = _load_malloc_trim()  # glibc only; elsewhere None
 
 
 class ImageDecodeError(RuntimeError):
@@ -106,8 +117,14 @@ class StageLoader:
         return ImageDecodeError(None, _dali_reason(message), message)
 
     def close(self) -> None:
-        """Drop the iterator and pipeline and hand DALI's pooled memory back (pools outlive pipelines)."""
+        """Drop the iterator and pipeline and hand DALI's pooled memory back (pools outlive pipelines).
+
+        Then return freed heap pages to the OS: without ``malloc_trim``, glibc keeps the old pipeline's
+        per-thread arenas and host RSS grows by ~10-20 MB per rebuild although nothing leaks.
+        """
         if self._iterator is not None:
             self._iterator = None
             gc.collect()
             dali_backend.ReleaseUnusedMemory()
+            if _malloc_trim is not None:
+                _malloc_trim(0)
