@@ -42,7 +42,7 @@ def bench_curriculum(args: argparse.Namespace) -> None:
     next(iter(loader))  # first build: libraries and pools warm up, excluded from the growth figure
     gc.collect()
     rss0 = rss_mb()
-    gpu0 = torch.cuda.memory_reserved() if gpu else 0
+    dev0 = _device_used_mb() if gpu else 0.0
     times, rss = [], []
     for i in range(args.rebuilds):
         size = sizes[(i + 1) % len(sizes)]
@@ -68,8 +68,14 @@ def bench_curriculum(args: argparse.Namespace) -> None:
     print(f"{args.rebuilds:>8} {statistics.mean(times):>15.3f} {max(times):>14.3f} {rss0:>13.0f} "
           f"{rss[cycle - 1]:>18.0f} {rss[-1]:>11.0f} {max(rss):>11.0f} {growth:>10.1f}")
     print("growth: RSS at the end minus RSS after the first cycle through the sizes (32..224 px)")
-    if gpu:
-        print(f"torch CUDA reserved: {gpu0 / 2**20:.0f} MB -> {torch.cuda.memory_reserved() / 2**20:.0f} MB")
+    if gpu:  # DALI's pools are not torch's: read the device-wide figure
+        print(f"GPU memory in use (whole device): {dev0:.0f} MB after the first build -> {_device_used_mb():.0f} MB "
+              "after the last rebuild and close")
+
+
+def _device_used_mb() -> float:
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
 
 
 def main() -> int:
