@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.budget import Budget
-from trainer.config import DEMO_DEFAULTS, FULL_DEFAULTS, ConfigError, parse_args, parse_budget
+from trainer.config import DEMO_DEFAULTS, ConfigError, parse_args, parse_budget
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("24h", 86400), ("90m", 5400), ("3m", 180), ("45s", 45),
@@ -22,11 +22,14 @@ def test_bad_budgets_are_refused(text):
 
 def test_demo_gets_cpu_sized_defaults_unless_overridden():
     demo = parse_args(["--data", "demo"])
-    assert (demo.model, demo.image_size) == (DEMO_DEFAULTS["model"], DEMO_DEFAULTS["image_size"])
+    assert (demo.model, demo.image_size, demo.curriculum) == (
+        DEMO_DEFAULTS["model"], DEMO_DEFAULTS["image_size"], DEMO_DEFAULTS["curriculum"])
     full = parse_args(["--data", "/some/imagenet"])
-    assert (full.model, full.image_size, full.batch_size, full.lr) == (
-        FULL_DEFAULTS["model"], FULL_DEFAULTS["image_size"], 64, 1e-3)
-    assert parse_args(["--data", "demo", "--image-size", "96"]).image_size == 96
+    assert (full.model, full.image_size, full.curriculum, full.batch_size, full.lr) == (
+        "vit_local_small_patch16", 224, "32:32:5", 64, 1e-3)
+    assert full.plan().size_at(30) == 224 and full.plan().size_at(4) == 32
+    assert parse_args(["--data", "demo", "--image-size", "128"]).image_size == 128
+    assert parse_args(["--data", "demo", "--no-curriculum"]).plan().size_at(0) == DEMO_DEFAULTS["image_size"]
 
 
 def test_budget_can_fit_uses_the_clock():

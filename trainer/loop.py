@@ -119,6 +119,7 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             step_s = None
         epoch_steps = 0
         t_prev = budget.elapsed
+        first_step_of_stage = step_s is None
         out_of_time = False
         for images, labels in train_batches:
             if step_s is not None and not budget.can_fit(step_s):
@@ -136,7 +137,10 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
 
             now = budget.elapsed
             dt, t_prev = now - t_prev, now
-            step_s = dt if step_s is None else 0.9 * step_s + 0.1 * dt
+            if first_step_of_stage:  # pipeline warm-up, cuDNN autotuning, a recompile: not a step's cost
+                first_step_of_stage = False
+            else:
+                step_s = dt if step_s is None else 0.9 * step_s + 0.1 * dt
             if now - last_log_t >= cfg.log_every_s:
                 loss_value = loss.item()  # the one host sync per log interval
                 ips = (state.images_seen - last_log_images) / (now - last_log_t)
