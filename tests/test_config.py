@@ -40,3 +40,39 @@ def test_budget_can_fit_uses_the_clock():
     assert budget.elapsed == 50 and budget.remaining == 10
     assert budget.can_fit(10) and not budget.can_fit(10.5)
     assert budget.fraction == pytest.approx(50 / 60)
+
+
+def test_a_step_that_would_eat_the_reserved_end_is_not_started():
+    now = [0.0]
+    budget = Budget(100, clock=lambda: now[0])
+    budget.reserve_s = 10.0
+    now[0] = 85.0
+    assert budget.can_start(5.0)  # 85 + 5 + 10 = 100
+    assert not budget.can_start(5.5)
+    assert budget.can_fit(5.5)  # without the reserve it would have fit
+    budget.reserve_s = 2.0
+    assert budget.can_start(13.0) and not budget.can_start(13.5)
+
+
+def test_reserve_follows_the_measured_evaluation():
+    from trainer.budget import end_reserve
+
+    estimate = end_reserve(None, estimated_eval_s=10.0)
+    grown = end_reserve(30.0, estimated_eval_s=10.0)  # a slower evaluation than estimated
+    shrunk = end_reserve(2.0, estimated_eval_s=10.0)
+    assert shrunk < estimate < grown
+    assert grown >= 30.0 and shrunk >= 2.0  # never less than the measured evaluation itself
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--lr-schedule", "cosine-epochs"], "needs --epochs"),
+        (["--min-lr", "0.1"], "--min-lr must lie in"),
+        (["--warmup", "2h", "--budget", "1h"], "--warmup (7200s) must be shorter"),
+        (["--warmup", "soon"], "--warmup: cannot read"),
+    ],
+)
+def test_schedule_flags_are_checked(flags, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(["--data", "x", *flags])

@@ -7,12 +7,17 @@ from collections.abc import Callable
 
 
 class Budget:
-    """Seconds allowed for the run, measured from construction on ``clock``."""
+    """Seconds allowed for the run, measured from construction on ``clock``.
+
+    ``reserve_s`` is kept back for what must happen after the last step (the final evaluation, the summary):
+    ``can_start`` refuses a step that would eat into it.
+    """
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
         self.clock = clock
         self.start = clock()
+        self.reserve_s = 0.0
 
     @property
     def elapsed(self) -> float:
@@ -29,3 +34,15 @@ class Budget:
     def can_fit(self, seconds: float) -> bool:
         """Is there time left for work expected to take ``seconds``?"""
         return self.elapsed + seconds <= self.seconds
+
+    def can_start(self, seconds: float) -> bool:
+        """Is there time for work of ``seconds`` and, after it, the reserved end?"""
+        return self.elapsed + seconds + self.reserve_s <= self.seconds
+
+
+def end_reserve(last_eval_s: float | None, estimated_eval_s: float, safety: float = 1.2,
+                margin_s: float = 1.0) -> float:
+    """Seconds to keep for the end: the last measured evaluation (else the estimate), with a safety factor,
+    plus a margin for the summary and closing the pipelines."""
+    eval_s = last_eval_s if last_eval_s is not None else estimated_eval_s
+    return eval_s * safety + margin_s

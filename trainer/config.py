@@ -9,6 +9,7 @@ from typing import Any
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
+from trainer.schedule import SCHEDULES
 
 PATCH_SIZE = 16
 DEMO = "demo"
@@ -24,6 +25,13 @@ _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 class ConfigError(ValueError):
     """A flag's value cannot be used; the message is one line naming the flag."""
+
+
+def _parse_duration(flag: str, text: str) -> float:
+    try:
+        return parse_budget(text)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--budget", flag)) from None
 
 
 def parse_budget(text: str) -> float:
@@ -54,6 +62,10 @@ class TrainConfig:
     stage_batch: str = "fixed"
     max_batch: int = 1024
     lr: float = 1e-3
+    lr_schedule: str = "cosine-time"
+    min_lr: float = 1e-5
+    warmup_s: float = 0.0
+    epochs: int | None = None  # the horizon of --lr-schedule cosine-epochs
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     drop_path: float | None = None  # None: the model's default
@@ -107,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens: scale the batch by (final/size)^2 at small stages (lr by its square root)")
     p.add_argument("--max-batch", type=int, default=1024, help="cap for --stage-batch tokens")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="cosine-time", choices=SCHEDULES,
+                   help="time schedules anneal over the budget; cosine-epochs over --epochs")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="the schedules' floor")
+    p.add_argument("--warmup", default="0", help="linear warm-up time, e.g. 5m (default: none, as the paper)")
+    p.add_argument("--epochs", type=int, default=None, help="horizon of --lr-schedule cosine-epochs")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
@@ -131,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         curriculum=None if a.no_curriculum else a.curriculum or defaults["curriculum"],
         eval_size=a.eval_size, batch_size=a.batch_size, stage_batch=a.stage_batch, max_batch=a.max_batch, lr=a.lr,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, drop_path=a.drop_path,
+        lr_schedule=a.lr_schedule, min_lr=a.min_lr, epochs=a.epochs,
+        warmup_s=0.0 if a.warmup.strip() in ("0", "none") else _parse_duration("--warmup", a.warmup),
         budget_s=parse_budget(a.budget), device=a.device, amp=a.amp, compile=a.compile, workers=a.workers,
         seed=a.seed, eval_every=a.eval_every, log_every_s=a.log_every,
     )
@@ -157,6 +176,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"--label-smoothing must lie in [0, 1), got {cfg.label_smoothing}")
     if cfg.drop_path is not None and not 0 <= cfg.drop_path < 1:
         raise ConfigError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
+    if cfg.lr_schedule == "cosine-epochs" and not (cfg.epochs and cfg.epochs > 0):
+        raise ConfigError("--lr-schedule cosine-epochs needs --epochs N (a positive number of epochs)")
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"--min-lr must lie in [0, --lr {cfg.lr}], got {cfg.min_lr}")
+    if cfg.warmup_s >= cfg.budget_s:
+        raise ConfigError(f"--warmup ({cfg.warmup_s:.0f}s) must be shorter than --budget ({cfg.budget_s:.0f}s)")
     if cfg.act != "hswish" and cfg.model not in LOCALITY_MODELS:
         raise ConfigError(f"--act {cfg.act} applies to the locality models ({', '.join(LOCALITY_MODELS)}), "
                           f"not {cfg.model}")

@@ -13,13 +13,14 @@ from torch import nn
 
 from model import build_model
 from pipelines import Split, StageLoader, StageSpec
-from trainer.budget import Budget
+from trainer.budget import Budget, end_reserve
 from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.evaluate import evaluate
 from trainer.readout import Readout
 from trainer.resize import resize_for_stage
 from trainer.rundir import RunDir
+from trainer.schedule import lr_factor
 
 EVAL_BATCH = 128
 
@@ -33,6 +34,7 @@ class TrainState:
     stage: int = -1
     image_size: int = 0
     batch_size: int = 0
+    peak_lr: float = 0.0  # the stage's lr before the schedule's factor
     lr: float = 0.0
 
 
@@ -110,6 +112,9 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     state = TrainState()
     step_s: float | None = None  # moving average of one step's wall time at this stage, data wait included
     last_eval: dict[str, float] | None = None
+    last_eval_s: float | None = None
+    warmup_fraction = cfg.warmup_s / cfg.budget_s
+    eval_tokens = (cfg.final_eval_size // plan.patch) ** 2
     net.train()
     last_log_t, last_log_images = budget.elapsed, state.images_seen
     while True:
@@ -122,9 +127,14 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         first_step_of_stage = step_s is None
         out_of_time = False
         for images, labels in train_batches:
-            if step_s is not None and not budget.can_fit(step_s):
+            if step_s is not None and not budget.can_start(step_s):
                 out_of_time = True
                 break
+            factor = lr_factor(cfg.lr_schedule, budget.fraction, epoch=state.epoch + epoch_steps / len(train_batches),
+                               epochs=cfg.epochs, warmup_fraction=warmup_fraction, min_ratio=cfg.min_lr / cfg.lr)
+            state.lr = state.peak_lr * factor
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = criterion(forward(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -141,6 +151,10 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                 first_step_of_stage = False
             else:
                 step_s = dt if step_s is None else 0.9 * step_s + 0.1 * dt
+                if last_eval_s is None:  # until one is measured: forward-only ~1/3 of a step, scaled by tokens
+                    tokens = (state.image_size // plan.patch) ** 2
+                    estimate = len(val_split) * step_s / state.batch_size * eval_tokens / tokens / 2
+                    budget.reserve_s = end_reserve(None, estimate)
             if now - last_log_t >= cfg.log_every_s:
                 loss_value = loss.item()  # the one host sync per log interval
                 ips = (state.images_seen - last_log_images) / (now - last_log_t)
@@ -154,12 +168,13 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             state.epoch_progress = epoch_steps / len(train_batches)
             break
         state.epoch += 1
-        if cfg.eval_every and state.epoch % cfg.eval_every == 0:
+        last_eval = None
+        if cfg.eval_every and state.epoch % cfg.eval_every == 0 and budget.can_start(last_eval_s or 0.0):
             last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
-            if not budget.can_fit(step_s or 0.0):
-                break
-        else:
-            last_eval = None
+            last_eval_s = last_eval["eval_s"]
+            budget.reserve_s = end_reserve(last_eval_s, 0.0)
+        if not budget.can_start(step_s or 0.0):
+            break
 
     train_s = budget.elapsed
     if last_eval is None or state.epoch_progress > 0:
@@ -187,14 +202,12 @@ def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net:
     state.image_size = plan.size_at(state.epoch)
     state.batch_size = stage_batch_size(cfg.batch_size, state.image_size, plan.final, cfg.stage_batch,
                                         min(cfg.max_batch, train_images))
-    state.lr = stage_lr(cfg.lr, state.batch_size, cfg.batch_size)
-    for group in optimizer.param_groups:
-        group["lr"] = state.lr
+    state.peak_lr = stage_lr(cfg.lr, state.batch_size, cfg.batch_size)  # the schedule scales it step by step
     resize_for_stage(net, optimizer, state.image_size)
     train_batches.set_stage(stage_spec(cfg, device, state.image_size, state.batch_size))
     rebuild_s = time.monotonic() - start
     fields = dict(stage=state.stage, epoch=state.epoch, image_size=state.image_size, batch_size=state.batch_size,
-                  lr=state.lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),
+                  peak_lr=state.peak_lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),
                   elapsed_s=round(budget.elapsed, 3))
     run.log("stage", **fields)
     readout.update(**fields)
