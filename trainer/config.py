@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
@@ -77,7 +76,6 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     log_every_s: float = 10.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def plan(self) -> CurriculumPlan:
         if self.curriculum is None:

@@ -20,8 +20,6 @@ def _duration(seconds: float) -> str:
 class Readout:
     """Shows the latest numbers the loop reports. The loop calls ``update``; rendering never syncs the device."""
 
-    FIELDS = ("epoch", "image_size", "step", "images_per_sec", "loss", "lr", "top1")
-
     def __init__(self, budget_s: float, clock: Any, live: bool | None = None, console: Console | None = None) -> None:
         self.budget_s, self.clock = budget_s, clock
         self.console = console or Console(file=sys.stdout)
@@ -50,7 +48,7 @@ class Readout:
 
     def _values(self) -> dict[str, str]:
         s, elapsed = self.state, self.clock()
-        v = {
+        return {
             "epoch": f"{s.get('epoch', 0)}",
             "stage": f"{s.get('stage', 0)}",
             "size": f"{s.get('image_size', '-')} px",
@@ -62,7 +60,6 @@ class Readout:
             "val top1": f"{100 * s['top1']:.1f}%" if "top1" in s else "-",
             "budget": f"{_duration(elapsed)} / {_duration(self.budget_s)} ({_duration(self.budget_s - elapsed)} left)",
         }
-        return v
 
     def _line(self) -> str:
         return "  ".join(f"{k} {v}" for k, v in self._values().items())
