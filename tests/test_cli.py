@@ -103,7 +103,7 @@ def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "tools/prepare_imagenet.py" in err[0]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "error" and str(bad) in summary["error"]
+    assert summary["stop_reason"] == "error" and str(bad) in summary["message"]
     assert json.loads((out / "config.json").read_text())["model"] == "vit_local_test_patch16"
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "error"

@@ -7,21 +7,22 @@ from collections.abc import Callable
 
 
 class Budget:
-    """Seconds allowed for the run, measured from construction on ``clock``.
+    """Seconds allowed for the run: what earlier attempts spent plus what ``clock`` measures since construction.
 
     ``reserve_s`` is kept back for what must happen after the last step (the final evaluation, the summary):
     ``can_start`` refuses a step that would eat into it.
     """
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, spent_before: float = 0.0) -> None:
         self.seconds = seconds
         self.clock = clock
         self.start = clock()
+        self.spent_before = spent_before  # charged by earlier attempts of the same run (resume)
         self.reserve_s = 0.0
 
     @property
     def elapsed(self) -> float:
-        return self.clock() - self.start
+        return self.spent_before + self.clock() - self.start
 
     @property
     def remaining(self) -> float:

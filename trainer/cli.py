@@ -1,16 +1,20 @@
-"""`vit-train`: check the flags and the data, make the run directory, train, write the summary."""
+"""`vit-train`: check the flags and the data, make (or resume) the run directory, train, write the summary."""
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, index_dataset
 from trainer.budget import Budget
-from trainer.config import DEMO, ConfigError, TrainConfig, parse_args
-from trainer.loop import train
+from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
+from trainer.config import DEMO, ConfigError, TrainConfig, load_run_config, parse_args
+from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
 from trainer.rundir import RunDir
 
@@ -31,49 +35,93 @@ def _data_root(cfg: TrainConfig) -> Path:
     return Path(cfg.data).expanduser()
 
 
-def _out_dir(cfg: TrainConfig) -> Path:
+def _prepare_out(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+    """A new run directory, or an existing one holding checkpoints: then the run resumes with its own config."""
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; choose a new run directory")
-    return out
+    if not out.is_dir() or not any(out.iterdir()):
+        return cfg, out, None
+    if not list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"--out {out} is not empty and holds no checkpoint to resume; choose a new run directory")
+    summary = out / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("stop_reason") == "budget":
+        raise ConfigError(f"{out} already finished its budget (see its summary.json); choose a new --out")
+    loaded = load_latest(out / "checkpoints")
+    for path, why in loaded.skipped:
+        print(f"vit-train: warning: skipping unreadable checkpoint {path} ({why})", file=sys.stderr)
+    print(f"resuming {out} from {loaded.path.name} (step {loaded.payload['state']['step']}, "
+          f"{loaded.payload['budget_spent_s']:.0f}s of the budget already spent)", flush=True)
+    return load_run_config(out), out, {**loaded.payload, "path": str(loaded.path)}
+
+
+def _install_signal_handlers(stop: StopFlag) -> None:
+    """First SIGTERM/Ctrl-C: checkpoint at the next step and exit. A second Ctrl-C: exit at once."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.reason = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        out = _out_dir(cfg)
+        cfg, out, resume = _prepare_out(cfg)
         train_split, val_split = index_dataset(_data_root(cfg))
         if len(train_split) < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_split)} images "
                               f"in {train_split.root}: training drops partial batches")
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, NoCheckpointError) as e:
         return _fail(str(e))
 
     import nvidia.dali
     import timm
     import torch
 
-    budget = Budget(cfg.budget_s)  # the clock starts once the data is found (a first demo build is not charged)
+    # The clock starts once the data is found (a first demo build is not charged); a resumed run starts from
+    # what its earlier attempts spent.
+    budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0)
     run = RunDir(out)
-    run.write_config({**asdict(cfg), "data_root": str(train_split.root.parent), "classes": list(train_split.classes),
-                      "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                                   "dali": nvidia.dali.__version__}})
-    base = {"budget_s": cfg.budget_s, "model": cfg.model, "run_dir": str(out)}
+    if resume:
+        run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
+                spent_before_s=round(budget.spent_before, 3))
+    else:
+        run.write_config({**asdict(cfg), "data_root": str(train_split.root.parent),
+                          "classes": list(train_split.classes),
+                          "versions": {"torch": torch.__version__, "timm": timm.__version__,
+                                       "dali": nvidia.dali.__version__}})
+    stop = StopFlag()
+    _install_signal_handlers(stop)
+
+    def ended(reason: str, code: int, message: str, **extra: Any) -> int:
+        run.log(reason, message=message, elapsed_s=round(budget.elapsed, 3), **extra)
+        run.write_summary({"budget_s": cfg.budget_s, "model": cfg.model, "run_dir": str(out), "stop_reason": reason,
+                           "message": message, "elapsed_s": round(budget.elapsed, 3), **extra})
+        run.close()
+        return _fail(message, code=code)
+
     try:
         with Readout(cfg.budget_s, clock=lambda: budget.elapsed) as readout:
-            summary = train(cfg, train_split, val_split, run, readout, budget)
+            summary = train(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop)
     except ImageDecodeError as e:
-        run.log("error", message=str(e), elapsed_s=round(budget.elapsed, 3))
-        run.write_summary({**base, "stop_reason": "error", "error": str(e), "elapsed_s": round(budget.elapsed, 3)})
-        run.close()
-        return _fail(str(e), code=1)
+        return ended("error", 1, str(e))
+    except StopRequested as e:
+        signum = signal.Signals[e.reason]
+        return ended("stopped", 128 + signum, f"stopped by {e.reason}; checkpoint {e.checkpoint.name} written; "
+                     f"resume with: vit-train --resume {out}", signal=e.reason)
+    except Diverged as e:
+        kept = list_checkpoints(out / "checkpoints")
+        last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
+        return ended("diverged", 1, f"{e}; {last}; try a lower --lr (or --amp fp16, whose scaler skips such steps)")
     except KeyboardInterrupt:
-        run.log("interrupted", elapsed_s=round(budget.elapsed, 3))
-        run.write_summary({**base, "stop_reason": "interrupted", "elapsed_s": round(budget.elapsed, 3)})
-        run.close()
-        return _fail(f"interrupted; the run directory {out} holds what was done", code=130)
+        return ended("interrupted", 130, f"interrupted at once (second Ctrl-C); resume with: vit-train --resume {out}")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     run.write_summary(summary)
     run.close()
     print(f"done: val top1 {100 * summary['top1']:.2f}%  top5 {100 * summary['top5']:.2f}%  "

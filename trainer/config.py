@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
@@ -75,6 +77,7 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     eval_every: int = 1
+    ckpt_every_s: float = 1800.0
     log_every_s: float = 10.0
 
     def plan(self) -> CurriculumPlan:
@@ -95,7 +98,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", default=None,
                    help="ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' "
                         "for the built-in generated dataset")
     p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
@@ -133,12 +136,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (0: only at the end)")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between metrics lines")
+    p.add_argument("--ckpt-every", default="30m", help="checkpoint period (also at each stage change and the end)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
     return p
 
 
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The configuration a run directory was started with (its config.json), pointed at that directory."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{run_dir} is not a vit-train run directory (no readable config.json)") from None
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.out = str(run_dir)
+    return cfg
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly)."""
+    """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly).
+
+    With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
+    """
     a = build_parser().parse_args(argv)
+    if a.resume:
+        return load_run_config(Path(a.resume))
+    if a.data is None:
+        raise ConfigError("--data is required (an ImageNet-layout folder or 'demo'), or --resume RUN_DIR")
     defaults = DEMO_DEFAULTS if a.data == DEMO else FULL_DEFAULTS
     cfg = TrainConfig(
         data=a.data, out=a.out, model=a.model or defaults["model"], act=a.act,
@@ -150,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         warmup_s=0.0 if a.warmup.strip() in ("0", "none") else _parse_duration("--warmup", a.warmup),
         budget_s=parse_budget(a.budget), device=a.device, amp=a.amp, compile=a.compile, workers=a.workers,
         seed=a.seed, eval_every=a.eval_every, log_every_s=a.log_every,
+        ckpt_every_s=_parse_duration("--ckpt-every", a.ckpt_every),
     )
     if cfg.image_size <= 0 or cfg.image_size % PATCH_SIZE:
         raise ConfigError(

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,12 +16,13 @@ from torch import nn
 from model import build_model
 from pipelines import Split, StageLoader, StageSpec
 from trainer.budget import Budget, end_reserve
+from trainer.checkpoint import rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.evaluate import evaluate
 from trainer.readout import Readout
 from trainer.resize import resize_for_stage
-from trainer.rundir import RunDir
+from trainer.rundir import RunDir, save_safetensors_atomic
 from trainer.schedule import lr_factor
 
 EVAL_BATCH = 128
@@ -30,7 +33,9 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0
     images_seen: int = 0
+    epoch_step: int = 0  # steps done in the current epoch
     epoch_progress: float = 0.0  # fraction of the current epoch done when the run stopped
+    attempt: int = 0  # 0 for the first process of the run, +1 per resume
     stage: int = -1
     image_size: int = 0
     batch_size: int = 0
@@ -55,11 +60,12 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int) -> StageSpec:
+def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
+               seed: int | None = None) -> StageSpec:
     gpu = device.type == "cuda"
     return StageSpec(image_size=image_size, batch_size=batch_size, device="gpu" if gpu else "cpu",
                      device_id=(device.index or 0) if gpu else None, num_threads=cfg.workers,
-                     seed=cfg.seed, half=gpu)
+                     seed=cfg.seed if seed is None else seed, half=gpu)
 
 
 def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> list[str]:
@@ -72,17 +78,40 @@ def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> lis
     return lines
 
 
+class StopRequested(Exception):
+    """A signal asked the run to stop; a checkpoint has been written."""
+
+    def __init__(self, reason: str, checkpoint: Path) -> None:
+        super().__init__(reason)
+        self.reason, self.checkpoint = reason, checkpoint
+
+
+class Diverged(RuntimeError):
+    """The loss became non-finite (and no fp16 grad scaler is there to skip the step)."""
+
+
+@dataclass
+class StopFlag:
+    """Set from a signal handler, read by the step loop between steps."""
+
+    reason: str | None = None
+
+
 def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
-          budget: Budget) -> dict[str, Any]:
+          budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+    stop = stop or StopFlag()
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
-    torch.manual_seed(cfg.seed)
+    plan = cfg.plan()
+    state = TrainState(**resume["state"]) if resume else TrainState()
+    if resume:
+        state.attempt += 1
+    torch.manual_seed(cfg.seed + state.attempt)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
-    plan = cfg.plan()
 
-    net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=plan.start,
+    net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=state.image_size or plan.start,
                       act=cfg.act, drop_path=cfg.drop_path)
     net = net.to(device, memory_format=torch.channels_last)
     if cfg.compile:
@@ -93,45 +122,74 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if resume:
+        net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
 
-    train_batches = StageLoader(train_split, stage_spec(cfg, device, plan.start, cfg.batch_size), train=True,
-                                device=device)
-    val_batches = StageLoader(val_split, stage_spec(cfg, device, cfg.final_eval_size, EVAL_BATCH), train=False,
-                              device=device)
+    def spec(size: int, batch: int) -> StageSpec:  # a new shuffle order for each attempt of the run
+        return stage_spec(cfg, device, size, batch, seed=cfg.seed + state.attempt)
+
+    train_batches = StageLoader(train_split, spec(state.image_size or plan.start, state.batch_size or cfg.batch_size),
+                                train=True, device=device)
+    val_batches = StageLoader(val_split, spec(cfg.final_eval_size, EVAL_BATCH), train=False, device=device)
 
     params = sum(p.numel() for p in net.parameters())
-    run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype),
+    run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype), attempt=state.attempt,
             train_images=len(train_split), val_images=len(val_split), stages=[asdict(s) for s in plan.stages()],
-            eval_size=cfg.final_eval_size, elapsed_s=budget.elapsed)
+            eval_size=cfg.final_eval_size, elapsed_s=round(budget.elapsed, 3))
     readout.message(f"{cfg.model} ({params / 1e6:.1f}M params) on {device}, amp {amp_dtype}, "
                     f"{len(train_split)} train / {len(val_split)} val images, {len(train_split.classes)} classes, "
                     f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
-    for line in plan_lines(plan, cfg, len(train_split)):
-        readout.message(line)
+    if not resume:
+        for line in plan_lines(plan, cfg, len(train_split)):
+            readout.message(line)
 
-    state = TrainState()
+    last_eval_s: float | None = resume.get("last_eval_s") if resume else None
+    if last_eval_s is not None:
+        budget.reserve_s = end_reserve(last_eval_s, 0.0)
+    checkpoints = run.path / "checkpoints"
+
+    def checkpoint() -> Path:
+        if nonfinite is not None and nonfinite.item():
+            raise Diverged(f"the loss became non-finite by step {state.step}")
+        payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                   "rng": rng_state(), "state": asdict(state), "budget_spent_s": budget.elapsed,
+                   "last_eval_s": last_eval_s, "config": asdict(cfg), "format": 1}
+        path = save_checkpoint(checkpoints, state.step, payload)
+        run.log("checkpoint", step=state.step, path=str(path.relative_to(run.path)), elapsed_s=round(budget.elapsed, 3))
+        return path
+
+    # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
+    # With fp16 the grad scaler skips such steps itself.
+    nonfinite = None if scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=device)
     step_s: float | None = None  # moving average of one step's wall time at this stage, data wait included
     last_eval: dict[str, float] | None = None
-    last_eval_s: float | None = None
     warmup_fraction = cfg.warmup_s / cfg.budget_s
     eval_tokens = (cfg.final_eval_size // plan.patch) ** 2
     net.train()
     last_log_t, last_log_images = budget.elapsed, state.images_seen
+    last_ckpt_t = budget.elapsed
     while True:
         if plan.stage_at(state.epoch) != state.stage:
-            _enter_stage(plan, state, cfg, net, optimizer, train_batches, device, run, readout, budget,
+            _enter_stage(plan, state, cfg, net, optimizer, train_batches, spec, run, readout, budget,
                          len(train_split))
             step_s = None
-        epoch_steps = 0
+            last_ckpt_t = budget.elapsed
+            checkpoint()
         t_prev = budget.elapsed
         first_step_of_stage = step_s is None
         out_of_time = False
         for images, labels in train_batches:
+            if stop.reason:
+                raise StopRequested(stop.reason, checkpoint())
             if step_s is not None and not budget.can_start(step_s):
                 out_of_time = True
                 break
-            factor = lr_factor(cfg.lr_schedule, budget.fraction, epoch=state.epoch + epoch_steps / len(train_batches),
-                               epochs=cfg.epochs, warmup_fraction=warmup_fraction, min_ratio=cfg.min_lr / cfg.lr)
+            factor = lr_factor(cfg.lr_schedule, budget.fraction,
+                               epoch=state.epoch + state.epoch_step / len(train_batches), epochs=cfg.epochs,
+                               warmup_fraction=warmup_fraction, min_ratio=cfg.min_lr / cfg.lr)
             state.lr = state.peak_lr * factor
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
@@ -141,8 +199,10 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if nonfinite is not None:
+                nonfinite |= ~torch.isfinite(loss.detach())
             state.step += 1
-            epoch_steps += 1
+            state.epoch_step += 1
             state.images_seen += labels.shape[0]
 
             now = budget.elapsed
@@ -157,6 +217,8 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                     budget.reserve_s = end_reserve(None, estimate)
             if now - last_log_t >= cfg.log_every_s:
                 loss_value = loss.item()  # the one host sync per log interval
+                if nonfinite is not None and nonfinite.item():
+                    raise Diverged(f"the loss became non-finite by step {state.step}")
                 ips = (state.images_seen - last_log_images) / (now - last_log_t)
                 fields = dict(step=state.step, epoch=state.epoch, stage=state.stage, image_size=state.image_size,
                               batch_size=state.batch_size, images_per_sec=round(ips, 2), loss=round(loss_value, 5),
@@ -164,10 +226,16 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                 run.log("train", **fields)
                 readout.update(**fields)
                 last_log_t, last_log_images = now, state.images_seen
+            if now - last_ckpt_t >= cfg.ckpt_every_s:
+                checkpoint()
+                last_ckpt_t = budget.elapsed
+            if state.epoch_step >= len(train_batches):  # a resumed epoch ends after its remaining steps
+                break
         if out_of_time:
-            state.epoch_progress = epoch_steps / len(train_batches)
+            state.epoch_progress = state.epoch_step / len(train_batches)
             break
         state.epoch += 1
+        state.epoch_step = 0
         last_eval = None
         if cfg.eval_every and state.epoch % cfg.eval_every == 0 and budget.can_start(last_eval_s or 0.0):
             last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
@@ -179,8 +247,11 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     train_s = budget.elapsed
     if last_eval is None or state.epoch_progress > 0:
         last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
+        last_eval_s = last_eval["eval_s"]
     train_batches.close()
     val_batches.close()
+    final_checkpoint = checkpoint()
+    save_safetensors_atomic(net.state_dict(), run.path / "model.safetensors")
     return {
         "top1": last_eval["top1"], "top5": last_eval["top5"],
         "epochs": round(state.epoch + state.epoch_progress, 4), "steps": state.step,
@@ -188,13 +259,15 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         "budget_s": cfg.budget_s, "overshoot_s": round(budget.elapsed - cfg.budget_s, 3),
         "stop_reason": "budget", "model": cfg.model, "image_size": state.image_size,
         "eval_size": cfg.final_eval_size, "stages_reached": state.stage + 1, "params": params,
+        "attempts": state.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(run.path)),
         "device": str(device), "state": asdict(state),
     }
 
 
 def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net: nn.Module,
-                 optimizer: torch.optim.Optimizer, train_batches: StageLoader, device: torch.device, run: RunDir,
-                 readout: Readout, budget: Budget, train_images: int) -> None:
+                 optimizer: torch.optim.Optimizer, train_batches: StageLoader,
+                 spec: Callable[[int, int], StageSpec], run: RunDir, readout: Readout, budget: Budget,
+                 train_images: int) -> None:
     """Stage change at an epoch boundary: new size and batch, position embedding and optimizer state resized,
     the loader rebuilt (the old pipeline freed)."""
     start = time.monotonic()
@@ -204,7 +277,7 @@ def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net:
                                         min(cfg.max_batch, train_images))
     state.peak_lr = stage_lr(cfg.lr, state.batch_size, cfg.batch_size)  # the schedule scales it step by step
     resize_for_stage(net, optimizer, state.image_size)
-    train_batches.set_stage(stage_spec(cfg, device, state.image_size, state.batch_size))
+    train_batches.set_stage(spec(state.image_size, state.batch_size))
     rebuild_s = time.monotonic() - start
     fields = dict(stage=state.stage, epoch=state.epoch, image_size=state.image_size, batch_size=state.batch_size,
                   peak_lr=state.peak_lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),

@@ -24,6 +24,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+def save_safetensors_atomic(tensors: dict[str, Any], path: Path) -> None:
+    """The final weights as safetensors (loadable without pickle anywhere), written via temp file and rename."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class RunDir:
     """One run's folder. Created only once the config and the data have been checked."""
 
