@@ -134,3 +134,15 @@ def test_run_across_stages_keeps_training_and_evaluates_at_the_final_size(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages_reached"] == 3 and summary["image_size"] == 64
     assert summary["top1"] >= 0.75  # 3 classes
+
+
+def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, capsys, colour_dataset):
+    out = tmp_path / "run"
+    argv = ["--data", str(colour_dataset), *TINY, "--budget", "30s", "--out", str(out), "--lr", "1e6",
+            "--log-every", "0.5", "--label-smoothing", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "ckpt-" in err and "--lr" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "diverged"
+    assert summary["elapsed_s"] < 25  # stopped, not trained on to the budget
