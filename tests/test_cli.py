@@ -146,3 +146,14 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "diverged"
     assert summary["elapsed_s"] < 25  # stopped, not trained on to the budget
+
+
+def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset):
+    out = tmp_path / "run"
+    argv = ["--data", str(colour_dataset), *TINY, "--budget", "4s", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "already finished its budget" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "elsewhere")]) == 2
+    assert "not a vit-train run directory" in capsys.readouterr().err

@@ -2,6 +2,6 @@
 
 import sys
 
-from trainer.cli import main
+from trainer.cli import run
 
-sys.exit(main())
+sys.exit(run())

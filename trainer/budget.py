@@ -13,10 +13,11 @@ class Budget:
     ``can_start`` refuses a step that would eat into it.
     """
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, spent_before: float = 0.0) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, spent_before: float = 0.0,
+                 start: float | None = None) -> None:
         self.seconds = seconds
         self.clock = clock
-        self.start = clock()
+        self.start = clock() if start is None else start
         self.spent_before = spent_before  # charged by earlier attempts of the same run (resume)
         self.reserve_s = 0.0
 

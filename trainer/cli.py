@@ -35,6 +35,13 @@ def _data_root(cfg: TrainConfig) -> Path:
     return Path(cfg.data).expanduser()
 
 
+def _finished(summary: Path) -> bool:
+    try:
+        return json.loads(summary.read_text()).get("stop_reason") == "budget"
+    except (OSError, ValueError):  # absent, or not whole: summaries are atomic, so absent in practice
+        return False
+
+
 def _prepare_out(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
     """A new run directory, or an existing one holding checkpoints: then the run resumes with its own config."""
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -44,8 +51,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | 
         return cfg, out, None
     if not list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"--out {out} is not empty and holds no checkpoint to resume; choose a new run directory")
-    summary = out / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("stop_reason") == "budget":
+    if _finished(out / "summary.json"):
         raise ConfigError(f"{out} already finished its budget (see its summary.json); choose a new --out")
     loaded = load_latest(out / "checkpoints")
     for path, why in loaded.skipped:
@@ -67,11 +73,21 @@ def _install_signal_handlers(stop: StopFlag) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run() -> int:
+    """The console script: the budget's clock starts when the process began importing, not at ``main``."""
+    from trainer import STARTED_AT
+
+    return main(started_at=STARTED_AT)
+
+
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    started_at = time.monotonic() if started_at is None else started_at
     try:
         cfg = parse_args(argv)
         cfg, out, resume = _prepare_out(cfg)
+        before_data = time.monotonic()
         train_split, val_split = index_dataset(_data_root(cfg))
+        demo_build_s = time.monotonic() - before_data if cfg.data == DEMO else 0.0
         if len(train_split) < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_split)} images "
                               f"in {train_split.root}: training drops partial batches")
@@ -82,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     import timm
     import torch
 
-    # The clock starts once the data is found (a first demo build is not charged); a resumed run starts from
-    # what its earlier attempts spent.
-    budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0)
+    # The clock started with the process (imports included); a first build of the demo dataset is not charged;
+    # a resumed run starts from what its earlier attempts spent.
+    budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0,
+                    start=started_at + demo_build_s)
     run = RunDir(out)
     if resume:
         run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
@@ -130,4 +147,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
