@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import rand_augment
 from nvidia.dali.pipeline import Pipeline
 
 from pipelines.folder import Split
@@ -29,6 +30,9 @@ class StageSpec:
     shard_id: int = 0
     num_shards: int = 1
     half: bool = False  # emit float16 (the GPU path; no faster on the CPU)
+    interp: Literal["linear", "cubic"] = "linear"
+    rand_augment: tuple[int, int] | None = None  # (ops per image, magnitude on DALI's 0..30 scale)
+    min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
 
     def __post_init__(self) -> None:
         if self.device == "gpu" and self.device_id is None:
@@ -57,7 +61,10 @@ def _normalize(images, spec: StageSpec, **crop_args):
     )
 
 
-@pipeline_def
+_INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
+
+
+@pipeline_def(enable_conditionals=True)  # DALI's auto_aug chooses operations with conditionals
 def _train_graph(split: Split, spec: StageSpec):
     jpegs, labels = fn.readers.file(
         files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
@@ -67,9 +74,14 @@ def _train_graph(split: Split, spec: StageSpec):
     gpu = spec.device == "gpu"
     images = fn.decoders.image_random_crop(
         jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,  # RGB: grayscale/CMYK arrive as RGB
-        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        random_area=[spec.min_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
     )
-    images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, interp_type=types.INTERP_LINEAR)
+    images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, interp_type=_INTERP[spec.interp],
+                       antialias=True)
+    if spec.rand_augment:
+        n, m = spec.rand_augment
+        images = rand_augment.rand_augment(images, n=n, m=m, shape=(spec.image_size, spec.image_size),
+                                           monotonic_mag=True)  # increasing severity, as timm's "inc1"
     images = _normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5))
     if gpu:
         labels = labels.gpu()
@@ -85,7 +97,7 @@ def _val_graph(split: Split, spec: StageSpec):
     gpu = spec.device == "gpu"
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(spec.image_size / EVAL_CROP_FRACTION),
-                       interp_type=types.INTERP_LINEAR)
+                       interp_type=_INTERP[spec.interp], antialias=True)
     images = _normalize(images, spec, crop=(spec.image_size, spec.image_size))
     if gpu:
         labels = labels.gpu()
@@ -93,7 +105,8 @@ def _val_graph(split: Split, spec: StageSpec):
 
 
 def build_train_pipeline(split: Split, spec: StageSpec) -> Pipeline:
-    """Read (reshuffled each epoch) -> decode with random-resized-crop -> resize -> flip -> normalize -> NHWC."""
+    """Read (reshuffled each epoch) -> decode with random-resized-crop -> resize -> [RandAugment] -> flip ->
+    normalize -> NHWC."""
     return _train_graph(split, spec, **_pipeline_kwargs(spec))
 
 

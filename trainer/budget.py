@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Budget:
@@ -20,10 +21,21 @@ class Budget:
         self.start = clock() if start is None else start
         self.spent_before = spent_before  # charged by earlier attempts of the same run (resume)
         self.reserve_s = 0.0
+        self.uncharged_s = 0.0  # time spent in uncharged() blocks
+
+    @contextmanager
+    def uncharged(self, really: bool = True) -> Iterator[None]:
+        """Time inside is not charged to the budget (evaluation, when only training time counts)."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            if really:
+                self.uncharged_s += self.clock() - start
 
     @property
     def elapsed(self) -> float:
-        return self.spent_before + self.clock() - self.start
+        return self.spent_before + self.clock() - self.start - self.uncharged_s
 
     @property
     def remaining(self) -> float:

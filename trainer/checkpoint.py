@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from trainer.rundir import FILE_MODE
+
 KEEP = 2
 PREFIX, SUFFIX = "ckpt-", ".pt"
 
@@ -43,6 +45,7 @@ def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int 
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:

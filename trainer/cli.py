@@ -13,7 +13,7 @@ from typing import Any
 from pipelines import DatasetError, ImageDecodeError, index_dataset
 from trainer.budget import Budget
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
-from trainer.config import DEMO, ConfigError, TrainConfig, load_run_config, parse_args
+from trainer.config import DEMO, ConfigError, ListPresets, TrainConfig, load_run_config, parse_args
 from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
 from trainer.rundir import RunDir
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     started_at = time.monotonic() if started_at is None else started_at
     try:
         cfg = parse_args(argv)
+        for override in cfg.preset_overrides:
+            print(f"preset {cfg.preset}: {override}", flush=True)
         cfg, out, resume = _prepare_out(cfg)
         before_data = time.monotonic()
         train_split, val_split = index_dataset(_data_root(cfg))
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         if len(train_split) < cfg.batch_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_split)} images "
                               f"in {train_split.root}: training drops partial batches")
+    except ListPresets:
+        from trainer.presets import describe_presets
+
+        print("\n".join(describe_presets()))
+        return 0
     except (ConfigError, DatasetError, NoCheckpointError) as e:
         return _fail(str(e))
 
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
                 spent_before_s=round(budget.spent_before, 3))
     else:
-        run.write_config({**asdict(cfg), "data_root": str(train_split.root.parent),
+        run.write_config({**asdict(cfg), "peak_lr": cfg.peak_lr, "data_root": str(train_split.root.parent),
                           "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})

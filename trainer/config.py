@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
+from trainer.presets import PresetError, load_preset
 from trainer.schedule import SCHEDULES
 
 PATCH_SIZE = 16
@@ -26,6 +28,10 @@ _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 class ConfigError(ValueError):
     """A flag's value cannot be used; the message is one line naming the flag."""
+
+
+class ListPresets(Exception):  # noqa: N818  (a request, not an error)
+    """--list-presets: print them and exit."""
 
 
 def _parse_duration(flag: str, text: str) -> float:
@@ -62,7 +68,7 @@ class TrainConfig:
     batch_size: int = 64
     stage_batch: str = "fixed"
     max_batch: int = 1024
-    lr: float = 1e-3
+    lr: float = 1e-3  # for a batch of 512 (DeiT's rule): the peak lr is lr * batch_size / 512
     lr_schedule: str = "cosine-time"
     min_lr: float = 1e-5
     warmup_s: float = 0.0
@@ -79,6 +85,22 @@ class TrainConfig:
     eval_every: int = 1
     ckpt_every_s: float = 1800.0
     log_every_s: float = 10.0
+    interp: str = "bilinear"  # resize interpolation (the paper's text: bilinear; the authors' code: bicubic)
+    min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
+    randaug: int = 0  # RandAugment magnitude on timm's 0..10 scale (0: off); DeiT: 9
+    randaug_n: int = 2  # RandAugment operations per image
+    mixup: float = 0.0  # mixup alpha (0: off); DeiT: 0.8
+    cutmix: float = 0.0  # cutmix alpha (0: off); DeiT: 1.0
+    mix_switch_prob: float = 0.5  # chance of cutmix rather than mixup when both are on
+    reprob: float = 0.0  # random erasing probability; DeiT: 0.25
+    ema: float = 0.0  # EMA decay of the weights (0: off); evaluated when on
+    budget_counts: str = "all"  # "train": evaluation time is not charged to the budget (the paper's count)
+    preset: str | None = None
+    preset_overrides: list[str] = field(default_factory=list)  # flags given that changed a preset's value
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 512
 
     def plan(self) -> CurriculumPlan:
         if self.curriculum is None:
@@ -95,50 +117,79 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"vit-train: error: {message}\n")
 
 
+# Flag defaults by argparse dest; the layers above them: the demo's, then a preset's, then the flags given.
+DEFAULTS: dict[str, Any] = {
+    "out": None, "budget": "24h", "model": FULL_DEFAULTS["model"], "act": "hswish",
+    "image_size": FULL_DEFAULTS["image_size"], "curriculum": PAPER_CURRICULUM, "no_curriculum": False,
+    "eval_size": None, "batch_size": 64, "stage_batch": "fixed", "max_batch": 1024, "lr": 1e-3,
+    "lr_schedule": "cosine-time", "min_lr": 1e-5, "warmup": "0", "epochs": None, "weight_decay": 0.05,
+    "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "compile": False, "workers": 0,
+    "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
+    "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
+    "budget_counts": "all",
+}
+# --data demo: sized so a 2-core CPU crosses three curriculum stages and learns the demo in minutes; lr 8e-3 for
+# batch 512 is a peak lr of 1e-3 at batch 64.
+DEMO_LAYER = {"model": DEMO_DEFAULTS["model"], "image_size": DEMO_DEFAULTS["image_size"],
+              "curriculum": DEMO_DEFAULTS["curriculum"], "lr": 8e-3}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
     p = _Parser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None,
-                   help="ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' "
-                        "for the built-in generated dataset")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<timestamp>)")
-    p.add_argument("--budget", default="24h", help="wall-clock budget: 24h, 90m, 3m, 45s, 1h30m")
-    p.add_argument("--model", default=None, choices=MODELS,
-                   help=f"default {FULL_DEFAULTS['model']} ({DEMO_DEFAULTS['model']} with --data demo)")
-    p.add_argument("--act", default="hswish", choices=sorted(ACTIVATIONS),
-                   help="FFN activation of the locality models (gelu: the paper's ablation)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help=f"final train size and eval size, a multiple of {PATCH_SIZE} (default "
-                        f"{FULL_DEFAULTS['image_size']}; {DEMO_DEFAULTS['image_size']} with --data demo)")
-    p.add_argument("--curriculum", default=None, metavar="S:M:N",
-                   help=f"image-size curriculum: start at S px, add M px every N epochs, up to --image-size "
-                        f"(default {PAPER_CURRICULUM}; {DEMO_DEFAULTS['curriculum']} with --data demo)")
-    p.add_argument("--no-curriculum", action="store_true", help="train at --image-size from the first epoch")
-    p.add_argument("--eval-size", type=int, default=None, help="evaluation size (default: --image-size)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--stage-batch", default="fixed", choices=("fixed", "tokens"),
-                   help="tokens: scale the batch by (final/size)^2 at small stages (lr by its square root)")
-    p.add_argument("--max-batch", type=int, default=1024, help="cap for --stage-batch tokens")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", default="cosine-time", choices=SCHEDULES,
-                   help="time schedules anneal over the budget; cosine-epochs over --epochs")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="the schedules' floor")
-    p.add_argument("--warmup", default="0", help="linear warm-up time, e.g. 5m (default: none, as the paper)")
-    p.add_argument("--epochs", type=int, default=None, help="horizon of --lr-schedule cosine-epochs")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (default: the model's)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--workers", type=int, default=0, help="DALI CPU threads (0: one per core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (0: only at the end)")
-    p.add_argument("--log-every", type=float, default=10.0, help="seconds between metrics lines")
-    p.add_argument("--ckpt-every", default="30m", help="checkpoint period (also at each stage change and the end)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
+                argument_default=argparse.SUPPRESS)
+    add = p.add_argument
+    add("--data", help="ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' "
+                       "for the built-in generated dataset")
+    add("--preset", help="a named configuration (see --list-presets); flags given override it")
+    add("--list-presets", action="store_true", help="print the presets and exit")
+    add("--out", help="run directory (default: runs/<timestamp>)")
+    add("--budget", help=f"wall-clock budget: 24h, 90m, 3m, 45s, 1h30m (default {d['budget']})")
+    add("--budget-counts", choices=("all", "train"),
+        help="charge everything to the budget (all, the default) or training only (train, the paper's count)")
+    add("--model", choices=MODELS,
+        help=f"default {FULL_DEFAULTS['model']} ({DEMO_DEFAULTS['model']} with --data demo)")
+    add("--act", choices=sorted(ACTIVATIONS), help="FFN activation of the locality models (gelu: the paper's ablation)")
+    add("--image-size", type=int, help=f"final train size and eval size, a multiple of {PATCH_SIZE} (default "
+                                       f"{FULL_DEFAULTS['image_size']}; {DEMO_DEFAULTS['image_size']} with demo)")
+    add("--curriculum", metavar="S:M:N",
+        help=f"image-size curriculum: start at S px, add M px every N epochs, up to --image-size "
+             f"(default {PAPER_CURRICULUM}; {DEMO_DEFAULTS['curriculum']} with --data demo)")
+    add("--no-curriculum", action="store_true", help="train at --image-size from the first epoch")
+    add("--eval-size", type=int, help="evaluation size (default: --image-size)")
+    add("--batch-size", type=int, help=f"default {d['batch_size']}")
+    add("--stage-batch", choices=("fixed", "tokens"),
+        help="tokens: scale the batch by (final/size)^2 at small stages (lr by its square root)")
+    add("--max-batch", type=int, help=f"cap for --stage-batch tokens (default {d['max_batch']})")
+    add("--lr", type=float, help="lr for a batch of 512, scaled by batch/512 (default 1e-3; 8e-3 with demo)")
+    add("--lr-schedule", choices=SCHEDULES,
+        help="time schedules anneal over the budget; cosine-epochs over --epochs (default cosine-time)")
+    add("--min-lr", type=float, help=f"the schedules' floor (default {d['min_lr']})")
+    add("--warmup", help="linear warm-up time, e.g. 5m (default: none, as the paper)")
+    add("--epochs", type=int, help="horizon of --lr-schedule cosine-epochs")
+    add("--weight-decay", type=float, help=f"AdamW weight decay, not on 1-D params (default {d['weight_decay']})")
+    add("--label-smoothing", type=float, help=f"default {d['label_smoothing']}")
+    add("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
+    add("--interp", choices=("bilinear", "bicubic"), help="resize interpolation (default bilinear)")
+    add("--min-area", type=float, help="random-resized-crop minimum area fraction (default 0.08)")
+    add("--randaug", type=int, help="RandAugment magnitude 1..10 on timm's scale (default 0: off; DeiT 9)")
+    add("--randaug-n", type=int, help="RandAugment operations per image (default 2)")
+    add("--mixup", type=float, help="mixup alpha (default 0: off; DeiT 0.8)")
+    add("--cutmix", type=float, help="cutmix alpha (default 0: off; DeiT 1.0)")
+    add("--mix-switch-prob", type=float, help="chance of cutmix instead of mixup when both are on (default 0.5)")
+    add("--reprob", type=float, help="random erasing probability (default 0: off; DeiT 0.25)")
+    add("--ema", type=float, help="EMA decay of the weights, evaluated when on (default 0: off)")
+    add("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    add("--amp", choices=("auto", "bf16", "fp16", "off"),
+        help="autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off")
+    add("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    add("--workers", type=int, help="DALI CPU threads (default 0: one per core)")
+    add("--seed", type=int, help="default 0")
+    add("--eval-every", type=int, help="evaluate every K epochs (0: only at the end; default 1)")
+    add("--log-every", type=float, help="seconds between metrics lines (default 10)")
+    add("--ckpt-every", help="checkpoint period (also at each stage change and the end; default 30m)")
+    add("--resume", metavar="RUN_DIR",
+        help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
     return p
 
 
@@ -158,26 +209,55 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly).
 
-    With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
+    Layers, each over the one before: the defaults, the demo's (with ``--data demo``), a preset's, the flags
+    given. With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
     """
-    a = build_parser().parse_args(argv)
-    if a.resume:
-        return load_run_config(Path(a.resume))
-    if a.data is None:
+    given = vars(build_parser().parse_args(argv))
+    if given.get("list_presets"):
+        raise ListPresets()
+    if "resume" in given:
+        return load_run_config(Path(given["resume"]))
+    if "data" not in given:
         raise ConfigError("--data is required (an ImageNet-layout folder or 'demo'), or --resume RUN_DIR")
-    defaults = DEMO_DEFAULTS if a.data == DEMO else FULL_DEFAULTS
+    raw = dict(DEFAULTS)
+    if given["data"] == DEMO:
+        raw.update(DEMO_LAYER)
+    overrides: list[str] = []
+    if "preset" in given:
+        try:
+            preset = load_preset(given["preset"])
+        except PresetError as e:
+            raise ConfigError(str(e)) from None
+        raw.update(preset)
+        overrides = [f"--{k.replace('_', '-')} {given[k]} (preset: {preset[k]})"
+                     for k in sorted(given) if k in preset and given[k] != preset[k]]
+    raw.update(given)
+    cfg = _build(raw)
+    cfg.preset_overrides = overrides
+    return cfg
+
+
+def _build(raw: dict[str, Any]) -> TrainConfig:
+    r = raw
     cfg = TrainConfig(
-        data=a.data, out=a.out, model=a.model or defaults["model"], act=a.act,
-        image_size=a.image_size or defaults["image_size"],
-        curriculum=None if a.no_curriculum else a.curriculum or defaults["curriculum"],
-        eval_size=a.eval_size, batch_size=a.batch_size, stage_batch=a.stage_batch, max_batch=a.max_batch, lr=a.lr,
-        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, drop_path=a.drop_path,
-        lr_schedule=a.lr_schedule, min_lr=a.min_lr, epochs=a.epochs,
-        warmup_s=0.0 if a.warmup.strip() in ("0", "none") else _parse_duration("--warmup", a.warmup),
-        budget_s=parse_budget(a.budget), device=a.device, amp=a.amp, compile=a.compile, workers=a.workers,
-        seed=a.seed, eval_every=a.eval_every, log_every_s=a.log_every,
-        ckpt_every_s=_parse_duration("--ckpt-every", a.ckpt_every),
+        data=r["data"], out=r["out"], model=r["model"], act=r["act"], image_size=r["image_size"],
+        curriculum=None if r["no_curriculum"] else r["curriculum"], eval_size=r["eval_size"],
+        batch_size=r["batch_size"], stage_batch=r["stage_batch"], max_batch=r["max_batch"], lr=r["lr"],
+        weight_decay=r["weight_decay"], label_smoothing=r["label_smoothing"], drop_path=r["drop_path"],
+        lr_schedule=r["lr_schedule"], min_lr=r["min_lr"], epochs=r["epochs"],
+        warmup_s=0.0 if str(r["warmup"]).strip() in ("0", "none") else _parse_duration("--warmup", str(r["warmup"])),
+        budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], compile=r["compile"],
+        workers=r["workers"], seed=r["seed"], eval_every=r["eval_every"], log_every_s=r["log_every"],
+        ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
+        min_area=r["min_area"], randaug=r["randaug"], randaug_n=r["randaug_n"], mixup=r["mixup"],
+        cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],
+        budget_counts=r["budget_counts"], preset=r.get("preset"),
     )
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: TrainConfig) -> None:
     if cfg.image_size <= 0 or cfg.image_size % PATCH_SIZE:
         raise ConfigError(
             f"--image-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.image_size}"
@@ -203,8 +283,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"--drop-path must lie in [0, 1), got {cfg.drop_path}")
     if cfg.lr_schedule == "cosine-epochs" and not (cfg.epochs and cfg.epochs > 0):
         raise ConfigError("--lr-schedule cosine-epochs needs --epochs N (a positive number of epochs)")
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        raise ConfigError(f"--min-lr must lie in [0, --lr {cfg.lr}], got {cfg.min_lr}")
+    if not 0 <= cfg.min_lr <= cfg.peak_lr:
+        raise ConfigError(f"--min-lr must lie in [0, the peak lr {cfg.peak_lr:g}], got {cfg.min_lr}")
     if cfg.warmup_s >= cfg.budget_s:
         raise ConfigError(f"--warmup ({cfg.warmup_s:.0f}s) must be shorter than --budget ({cfg.budget_s:.0f}s)")
     if cfg.act != "hswish" and cfg.model not in LOCALITY_MODELS:
@@ -212,4 +292,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                           f"not {cfg.model}")
     if not cfg.log_every_s > 0:
         raise ConfigError(f"--log-every must be positive, got {cfg.log_every_s}")
-    return cfg
+    if not 0 <= cfg.randaug <= 10 or cfg.randaug_n < 1:
+        raise ConfigError(
+            f"--randaug must lie in 0..10 and --randaug-n be positive, got {cfg.randaug}, {cfg.randaug_n}")
+    for flag, value in (("--reprob", cfg.reprob), ("--mix-switch-prob", cfg.mix_switch_prob)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag} must lie in [0, 1], got {value}")
+    for flag, value in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
+        if value < 0:
+            raise ConfigError(f"{flag} must not be negative, got {value}")
+    if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
+        raise ConfigError(
+            f"--mixup/--cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
+    if not 0 < cfg.min_area <= 1:
+        raise ConfigError(f"--min-area must lie in (0, 1], got {cfg.min_area}")
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")

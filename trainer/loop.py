@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from model import build_model
+from model import build_model, set_grid
 from pipelines import Split, StageLoader, StageSpec
+from trainer.augment import BatchAugment
 from trainer.budget import Budget, end_reserve
 from trainer.checkpoint import rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
@@ -61,11 +63,24 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
-               seed: int | None = None) -> StageSpec:
+               seed: int | None = None, train: bool = True) -> StageSpec:
     gpu = device.type == "cuda"
     return StageSpec(image_size=image_size, batch_size=batch_size, device="gpu" if gpu else "cpu",
                      device_id=(device.index or 0) if gpu else None, num_threads=cfg.workers,
-                     seed=cfg.seed if seed is None else seed, half=gpu)
+                     seed=cfg.seed if seed is None else seed, half=gpu,
+                     interp="cubic" if cfg.interp == "bicubic" else "linear",
+                     rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area)
+
+
+def randaug_bins(cfg: TrainConfig) -> tuple[int, int] | None:
+    """timm's magnitude (0..10) on DALI's 31 bins (0..30): m9 -> 27."""
+    return (cfg.randaug_n, round(cfg.randaug * 3)) if cfg.randaug else None
+
+
+def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters (norms, biases) nor the model's ``no_weight_decay()`` names
+    (position embedding, class token)."""
+    return param_groups_weight_decay(net, weight_decay, no_weight_decay_list=net.no_weight_decay())
 
 
 def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> list[str]:
@@ -118,36 +133,42 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, plan.num_stages + 2)
     forward = torch.compile(net, dynamic=False) if cfg.compile else net
-    groups = param_groups_weight_decay(net, cfg.weight_decay, net.no_weight_decay())
+    groups = weight_decay_groups(net, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    augment = BatchAugment(cfg, len(train_split.classes), device)
+    ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None
     if resume:
         net.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"])
+    evaluated = ema.module if ema is not None else net  # with --ema, the averaged weights are what is evaluated
 
-    def spec(size: int, batch: int) -> StageSpec:  # a new shuffle order for each attempt of the run
-        return stage_spec(cfg, device, size, batch, seed=cfg.seed + state.attempt)
+    def spec(size: int, batch: int, train: bool = True) -> StageSpec:  # a new shuffle order for each attempt
+        return stage_spec(cfg, device, size, batch, seed=cfg.seed + state.attempt, train=train)
 
     train_batches = StageLoader(train_split, spec(state.image_size or plan.start, state.batch_size or cfg.batch_size),
                                 train=True, device=device)
-    val_batches = StageLoader(val_split, spec(cfg.final_eval_size, EVAL_BATCH), train=False, device=device)
+    val_batches = StageLoader(val_split, spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False,
+                              device=device)
 
     params = sum(p.numel() for p in net.parameters())
     run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype), attempt=state.attempt,
             train_images=len(train_split), val_images=len(val_split), stages=[asdict(s) for s in plan.stages()],
             eval_size=cfg.final_eval_size, elapsed_s=round(budget.elapsed, 3))
     readout.message(f"{cfg.model} ({params / 1e6:.1f}M params) on {device}, amp {amp_dtype}, "
-                    f"{len(train_split)} train / {len(val_split)} val images, {len(train_split.classes)} classes, "
+                    f"peak lr {cfg.peak_lr:.3g}, {len(train_split)} train / {len(val_split)} val images, "
+                    f"{len(train_split.classes)} classes, "
                     f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
     if not resume:
         for line in plan_lines(plan, cfg, len(train_split)):
             readout.message(line)
 
     last_eval_s: float | None = resume.get("last_eval_s") if resume else None
-    if last_eval_s is not None:
+    if last_eval_s is not None and cfg.budget_counts == "all":
         budget.reserve_s = end_reserve(last_eval_s, 0.0)
     checkpoints = run.path / "checkpoints"
 
@@ -157,6 +178,8 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                    "rng": rng_state(), "state": asdict(state), "budget_spent_s": budget.elapsed,
                    "last_eval_s": last_eval_s, "config": asdict(cfg), "format": 1}
+        if ema is not None:
+            payload["ema"] = ema.module.state_dict()
         path = save_checkpoint(checkpoints, state.step, payload)
         run.log("checkpoint", step=state.step, path=str(path.relative_to(run.path)), elapsed_s=round(budget.elapsed, 3))
         return path
@@ -175,6 +198,8 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         if plan.stage_at(state.epoch) != state.stage:
             _enter_stage(plan, state, cfg, net, optimizer, train_batches, spec, run, readout, budget,
                          len(train_split))
+            if ema is not None:
+                set_grid(ema.module, state.image_size)
             step_s = None
             last_ckpt_t = budget.elapsed
             checkpoint()
@@ -193,12 +218,15 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             state.lr = state.peak_lr * factor
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
+            images, targets = augment(images, labels)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(forward(images), labels)
+                loss = augment.criterion(forward(images), targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(net, step=state.step)
             if nonfinite is not None:
                 nonfinite |= ~torch.isfinite(loss.detach())
             state.step += 1
@@ -211,7 +239,8 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                 first_step_of_stage = False
             else:
                 step_s = dt if step_s is None else 0.9 * step_s + 0.1 * dt
-                if last_eval_s is None:  # until one is measured: forward-only ~1/3 of a step, scaled by tokens
+                if last_eval_s is None and cfg.budget_counts == "all":  # until one is measured: forward-only
+                    # costs ~1/3 of a step per image, scaled by tokens
                     tokens = (state.image_size // plan.patch) ** 2
                     estimate = len(val_split) * step_s / state.batch_size * eval_tokens / tokens / 2
                     budget.reserve_s = end_reserve(None, estimate)
@@ -238,20 +267,20 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         state.epoch_step = 0
         last_eval = None
         if cfg.eval_every and state.epoch % cfg.eval_every == 0 and budget.can_start(last_eval_s or 0.0):
-            last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
+            last_eval = _evaluate(evaluated, val_batches, amp_dtype, state, cfg, run, readout, budget)
             last_eval_s = last_eval["eval_s"]
-            budget.reserve_s = end_reserve(last_eval_s, 0.0)
+            budget.reserve_s = end_reserve(last_eval_s if cfg.budget_counts == "all" else 0.0, 0.0)
         if not budget.can_start(step_s or 0.0):
             break
 
     train_s = budget.elapsed
     if last_eval is None or state.epoch_progress > 0:
-        last_eval = _evaluate(net, val_batches, amp_dtype, state, cfg, run, readout, budget)
+        last_eval = _evaluate(evaluated, val_batches, amp_dtype, state, cfg, run, readout, budget)
         last_eval_s = last_eval["eval_s"]
     train_batches.close()
     val_batches.close()
     final_checkpoint = checkpoint()
-    save_safetensors_atomic(net.state_dict(), run.path / "model.safetensors")
+    save_safetensors_atomic(evaluated.state_dict(), run.path / "model.safetensors")
     return {
         "top1": last_eval["top1"], "top5": last_eval["top5"],
         "epochs": round(state.epoch + state.epoch_progress, 4), "steps": state.step,
@@ -275,7 +304,7 @@ def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net:
     state.image_size = plan.size_at(state.epoch)
     state.batch_size = stage_batch_size(cfg.batch_size, state.image_size, plan.final, cfg.stage_batch,
                                         min(cfg.max_batch, train_images))
-    state.peak_lr = stage_lr(cfg.lr, state.batch_size, cfg.batch_size)  # the schedule scales it step by step
+    state.peak_lr = stage_lr(cfg.peak_lr, state.batch_size, cfg.batch_size)  # the schedule scales it step by step
     resize_for_stage(net, optimizer, state.image_size)
     train_batches.set_stage(spec(state.image_size, state.batch_size))
     rebuild_s = time.monotonic() - start
@@ -291,7 +320,8 @@ def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net:
 
 def _evaluate(net: nn.Module, val_batches: StageLoader, amp_dtype: torch.dtype | None, state: TrainState,
               cfg: TrainConfig, run: RunDir, readout: Readout, budget: Budget) -> dict[str, float]:
-    result = evaluate(net, val_batches, amp_dtype)
+    with budget.uncharged(cfg.budget_counts == "train"):
+        result = evaluate(net, val_batches, amp_dtype)
     fields = dict(step=state.step, epoch=round(state.epoch + state.epoch_progress, 4), stage=state.stage,
                   image_size=cfg.final_eval_size, top1=round(result["top1"], 5), top5=round(result["top5"], 5),
                   eval_s=round(result["eval_s"], 3), elapsed_s=round(budget.elapsed, 3))
