@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,8 +81,10 @@ def _train_graph(split: Split, spec: StageSpec):
                        antialias=True)
     if spec.rand_augment:
         n, m = spec.rand_augment
-        images = rand_augment.rand_augment(images, n=n, m=m, shape=(spec.image_size, spec.image_size),
-                                           monotonic_mag=True)  # increasing severity, as timm's "inc1"
+        with warnings.catch_warnings():  # DALI's auto_aug calls its own deprecated fn.experimental aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = rand_augment.rand_augment(images, n=n, m=m, shape=(spec.image_size, spec.image_size),
+                                               monotonic_mag=True)  # increasing severity, as timm's "inc1"
     images = _normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5))
     if gpu:
         labels = labels.gpu()
