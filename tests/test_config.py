@@ -62,6 +62,7 @@ def test_reserve_follows_the_measured_evaluation():
     shrunk = end_reserve(2.0, estimated_eval_s=10.0)
     assert shrunk < estimate < grown
     assert grown >= 30.0 and shrunk >= 2.0  # never less than the measured evaluation itself
+    assert end_reserve(2.0, 0.0, checkpoint_s=5.0) >= 7.0  # the final checkpoint's write is reserved too
 
 
 @pytest.mark.parametrize(

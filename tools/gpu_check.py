@@ -133,7 +133,8 @@ def main() -> int:
 
     run_dir = out / "loop"
     cmd = [sys.executable, "-m", "trainer", "--data", str(data), "--model", args.model,
-           "--image-size", str(sizes[-1]), "--batch-size", str(args.batch_size), "--budget", args.loop_budget,
+           "--image-size", str(sizes[-1]), "--no-curriculum",  # the loop at one size: comparable with the rows
+           "--batch-size", str(args.batch_size), "--budget", args.loop_budget,
            "--device", args.device, "--out", str(run_dir), "--log-every", "5"]
     print("full loop:", " ".join(cmd), flush=True)
     t0 = time.monotonic()

@@ -54,9 +54,9 @@ class Budget:
         return self.elapsed + seconds + self.reserve_s <= self.seconds
 
 
-def end_reserve(last_eval_s: float | None, estimated_eval_s: float, safety: float = 1.2,
-                margin_s: float = 1.0) -> float:
-    """Seconds to keep for the end: the last measured evaluation (else the estimate), with a safety factor,
-    plus a margin for the summary and closing the pipelines."""
+def end_reserve(last_eval_s: float | None, estimated_eval_s: float, checkpoint_s: float = 0.0,
+                safety: float = 1.2, margin_s: float = 1.0) -> float:
+    """Seconds to keep for the end: the last measured evaluation (else the estimate) and the last measured
+    checkpoint write, with a safety factor, plus a margin for the summary and closing the pipelines."""
     eval_s = last_eval_s if last_eval_s is not None else estimated_eval_s
-    return eval_s * safety + margin_s
+    return (eval_s + checkpoint_s) * safety + margin_s

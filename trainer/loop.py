@@ -168,11 +168,19 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
             readout.message(line)
 
     last_eval_s: float | None = resume.get("last_eval_s") if resume else None
-    if last_eval_s is not None and cfg.budget_counts == "all":
-        budget.reserve_s = end_reserve(last_eval_s, 0.0)
+    checkpoint_s = 0.0  # the last checkpoint's write time: the final one is part of the reserved end
     checkpoints = run.path / "checkpoints"
 
+    def set_reserve(estimated_eval_s: float = 0.0) -> None:
+        charged = cfg.budget_counts == "all"  # with "train", evaluations are not charged, so not reserved
+        budget.reserve_s = end_reserve(last_eval_s if charged else 0.0, estimated_eval_s if charged else 0.0,
+                                       checkpoint_s)
+
+    set_reserve()
+
     def checkpoint() -> Path:
+        nonlocal checkpoint_s
+        start = time.monotonic()
         if nonfinite is not None and nonfinite.item():
             raise Diverged(f"the loss became non-finite by step {state.step}")
         payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -181,7 +189,10 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         if ema is not None:
             payload["ema"] = ema.module.state_dict()
         path = save_checkpoint(checkpoints, state.step, payload)
-        run.log("checkpoint", step=state.step, path=str(path.relative_to(run.path)), elapsed_s=round(budget.elapsed, 3))
+        checkpoint_s = time.monotonic() - start
+        set_reserve()
+        run.log("checkpoint", step=state.step, path=str(path.relative_to(run.path)), write_s=round(checkpoint_s, 3),
+                elapsed_s=round(budget.elapsed, 3))
         return path
 
     # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
@@ -243,7 +254,7 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                     # costs ~1/3 of a step per image, scaled by tokens
                     tokens = (state.image_size // plan.patch) ** 2
                     estimate = len(val_split) * step_s / state.batch_size * eval_tokens / tokens / 2
-                    budget.reserve_s = end_reserve(None, estimate)
+                    set_reserve(estimate)
             if now - last_log_t >= cfg.log_every_s:
                 loss_value = loss.item()  # the one host sync per log interval
                 if nonfinite is not None and nonfinite.item():
@@ -269,7 +280,7 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
         if cfg.eval_every and state.epoch % cfg.eval_every == 0 and budget.can_start(last_eval_s or 0.0):
             last_eval = _evaluate(evaluated, val_batches, amp_dtype, state, cfg, run, readout, budget)
             last_eval_s = last_eval["eval_s"]
-            budget.reserve_s = end_reserve(last_eval_s if cfg.budget_counts == "all" else 0.0, 0.0)
+            set_reserve()
         if not budget.can_start(step_s or 0.0):
             break
 
