@@ -111,3 +111,46 @@ def test_random_erasing_touches_about_its_probability_of_images():
     out, _ = augment(images, torch.zeros(400, dtype=torch.long))
     touched = (out.flatten(1) != 0).any(dim=1).float().mean().item()
     assert 0.15 < touched < 0.35
+
+
+def test_uncharged_time_is_not_counted():
+    from trainer.budget import Budget
+
+    now = [0.0]
+    budget = Budget(100, clock=lambda: now[0])
+    now[0] = 10.0
+    with budget.uncharged(True):  # --budget-counts train: an evaluation
+        now[0] = 40.0
+    assert budget.elapsed == 10.0
+    with budget.uncharged(False):  # --budget-counts all
+        now[0] = 50.0
+    assert budget.elapsed == 20.0
+
+
+def test_list_presets_prints_one_line_each(capsys):
+    from trainer.cli import main
+
+    assert main(["--list-presets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == preset_names()
+
+
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, colour_dataset):
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+    from trainer.cli import main
+
+    out = tmp_path / "run"
+    argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--image-size", "48",
+            "--curriculum", "32:16:1", "--batch-size", "8", "--workers", "1", "--budget", "8s", "--out", str(out),
+            "--ema", "0.9",
+            "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--randaug", "5"]
+    assert main(argv) == 0
+    payload = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert set(payload["ema"]) == set(payload["model"])
+    assert payload["state"]["image_size"] == 48  # the EMA followed the model across the stage change
+    assert payload["ema"]["pos_embed"].shape == payload["model"]["pos_embed"].shape == (1, 1 + 9, 96)
+    assert not torch.equal(payload["ema"]["head.weight"], payload["model"]["head.weight"])
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model.safetensors")
+    assert torch.equal(saved["head.weight"], payload["ema"]["head.weight"])  # the EMA is what was kept
