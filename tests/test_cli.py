@@ -89,6 +89,11 @@ def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
     assert {"step", "epoch", "image_size", "images_per_sec", "loss", "lr", "elapsed_s"} <= train[0].keys()
     assert {"top1", "top5", "step", "epoch"} <= evals[-1].keys()
     assert evals[-1]["top1"] == pytest.approx(summary["top1"], abs=1e-4)
+    # the readout's numbers: present and consistent with each other
+    for before, after in zip(train, train[1:], strict=False):
+        seen = after["images_seen"] - before["images_seen"]
+        assert after["images_per_sec"] * after["interval_s"] == pytest.approx(seen, rel=0.01)
+    assert all(0 <= t["data_wait"] <= 1 and t["tflops"] > 0 and t["mfu"] is None for t in train)  # no CPU peak
     assert train[-1]["loss"] < 0.8 * math.log(3)  # well under the loss of a uniform guess
     assert train[-1]["lr"] < 0.5 * train[0]["lr"]  # cosine-time: the lr has annealed by the end of the budget
 

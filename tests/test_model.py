@@ -178,3 +178,19 @@ def test_readme_model_table_is_the_tools_output():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert model_table() in readme
+
+
+def test_flop_count_matches_a_hand_count():
+    from model.flops import forward_flops
+
+    net = build_model("vit_local_test_patch16", num_classes=10, image_size=32)
+    d, hidden, heads, depth, patches = 96, 384, 2, 4, 4  # 32 px: a 2x2 grid
+    tokens = patches + 1
+    embed = 2 * patches * d * 3 * 16 * 16
+    per_block = (2 * tokens * d * 3 * d  # qkv
+                 + 2 * 2 * heads * tokens * tokens * (d // heads)  # q @ k^T and attn @ v
+                 + 2 * tokens * d * d  # proj
+                 + 2 * patches * d * hidden * 2  # fc1 and fc2: patch tokens only (the class token skips the FFN)
+                 + 2 * patches * hidden * 9)  # 3x3 depth-wise conv
+    head = 2 * d * 10
+    assert forward_flops(net, 32) == embed + depth * per_block + head

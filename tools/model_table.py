@@ -14,9 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from model import MODELS, build_model  # noqa: E402
+from model.flops import forward_flops  # noqa: E402
 
 SIZES = (32, 64, 128, 224)
 ROLE = {
@@ -28,20 +28,8 @@ ROLE = {
 }
 
 
-@torch.no_grad()
 def forward_gflops(net: torch.nn.Module, size: int) -> float:
-    # The CPU's fused attention kernel is invisible to the counter: count the same maths as explicit matmuls.
-    fused = [m for m in net.modules() if getattr(m, "fused_attn", False)]
-    for m in fused:
-        m.fused_attn = False
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            net(torch.randn(1, 3, size, size))
-    finally:
-        for m in fused:
-            m.fused_attn = True
-    return counter.get_total_flops() / 1e9
+    return forward_flops(net, size) / 1e9
 
 
 def model_table(sizes: tuple[int, ...] = SIZES, num_classes: int = 1000) -> str:

@@ -15,6 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from model import build_model, set_grid
+from model.flops import forward_flops
 from pipelines import Split, StageLoader, StageSpec
 from trainer.augment import BatchAugment
 from trainer.budget import Budget, end_reserve
@@ -22,6 +23,7 @@ from trainer.checkpoint import rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.evaluate import evaluate
+from trainer.hardware import peak_flops
 from trainer.readout import Readout
 from trainer.resize import resize_for_stage
 from trainer.rundir import RunDir, save_safetensors_atomic
@@ -75,6 +77,14 @@ def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_si
 def randaug_bins(cfg: TrainConfig) -> tuple[int, int] | None:
     """timm's magnitude (0..10) on DALI's 31 bins (0..30): m9 -> 27."""
     return (cfg.randaug_n, round(cfg.randaug * 3)) if cfg.randaug else None
+
+
+def device_memory(device: torch.device) -> dict[str, float]:
+    """GiB allocated now and at peak by PyTorch on the device (host-side counters: no sync)."""
+    if device.type != "cuda":
+        return {}
+    return {"mem_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3),
+            "mem_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
 def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -205,19 +215,27 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     net.train()
     last_log_t, last_log_images = budget.elapsed, state.images_seen
     last_ckpt_t = budget.elapsed
+    peak = peak_flops(device)
+    train_flops = 0.0  # per image at the current stage: forward + backward ~ 3x the forward
+    wait_s = 0.0  # time the step loop spent waiting on the loader since the last metrics line
     while True:
         if plan.stage_at(state.epoch) != state.stage:
             _enter_stage(plan, state, cfg, net, optimizer, train_batches, spec, run, readout, budget,
                          len(train_split))
             if ema is not None:
                 set_grid(ema.module, state.image_size)
+            train_flops = 3.0 * forward_flops(net, state.image_size)
             step_s = None
             last_ckpt_t = budget.elapsed
             checkpoint()
+        if not train_flops:  # a resumed run enters no stage
+            train_flops = 3.0 * forward_flops(net, state.image_size)
         t_prev = budget.elapsed
         first_step_of_stage = step_s is None
         out_of_time = False
+        fetch_start = time.monotonic()
         for images, labels in train_batches:
+            wait_s += time.monotonic() - fetch_start
             if stop.reason:
                 raise StopRequested(stop.reason, checkpoint())
             if step_s is not None and not budget.can_start(step_s):
@@ -259,18 +277,24 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                 loss_value = loss.item()  # the one host sync per log interval
                 if nonfinite is not None and nonfinite.item():
                     raise Diverged(f"the loss became non-finite by step {state.step}")
-                ips = (state.images_seen - last_log_images) / (now - last_log_t)
+                interval = now - last_log_t
+                ips = (state.images_seen - last_log_images) / interval
+                tflops = ips * train_flops / 1e12
                 fields = dict(step=state.step, epoch=state.epoch, stage=state.stage, image_size=state.image_size,
                               batch_size=state.batch_size, images_per_sec=round(ips, 2), loss=round(loss_value, 5),
-                              lr=state.lr, elapsed_s=round(now, 3))
+                              lr=state.lr, images_seen=state.images_seen, interval_s=round(interval, 3),
+                              data_wait=round(min(1.0, wait_s / interval), 4), tflops=float(f"{tflops:.4g}"),
+                              mfu=float(f"{tflops * 1e12 / peak:.4g}") if peak else None, elapsed_s=round(now, 3),
+                              **device_memory(device))
                 run.log("train", **fields)
                 readout.update(**fields)
-                last_log_t, last_log_images = now, state.images_seen
+                last_log_t, last_log_images, wait_s = now, state.images_seen, 0.0
             if now - last_ckpt_t >= cfg.ckpt_every_s:
                 checkpoint()
                 last_ckpt_t = budget.elapsed
             if state.epoch_step >= len(train_batches):  # a resumed epoch ends after its remaining steps
                 break
+            fetch_start = time.monotonic()
         if out_of_time:
             state.epoch_progress = state.epoch_step / len(train_batches)
             break
