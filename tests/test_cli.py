@@ -162,3 +162,20 @@ def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset):
     assert "already finished its budget" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "elsewhere")]) == 2
     assert "not a vit-train run directory" in capsys.readouterr().err
+
+
+def test_profile_mode_writes_its_table_json_and_trace(tmp_path, capsys, colour_dataset):
+    out = tmp_path / "prof"
+    argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--batch-size", "8", "--workers", "1",
+            "--image-size", "48", "--curriculum", "32:16:1", "--profile", "--profile-steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pipeline img/s" in printed and "bound" in printed
+    report = json.loads((out / "profile.json").read_text())
+    assert [r["image_size"] for r in report["rows"]] == [32, 48]  # the plan's stage sizes
+    for row in report["rows"]:
+        assert row["pipeline_ips"] > 0 and row["model_ips"] > 0 and row["loop_ips"] > 0
+        assert row["bound"] in ("data", "compute") and row["advice"]
+    trace = json.loads((out / report["trace"]).read_text())
+    assert trace["traceEvents"]  # opens in Perfetto / chrome://tracing
+    assert json.loads((out / "config.json").read_text())["profile"] is True

@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
                           "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})
+    if cfg.profile:
+        from trainer.profile import profile, table
+
+        report = profile(cfg, train_split, out, cfg.profile_size_list(), steps=cfg.profile_steps)
+        print(table(report))
+        print(f"wrote {out / 'profile.json'} and {out / report['trace']}")
+        run.close()
+        return 0
     stop = StopFlag()
     _install_signal_handlers(stop)
 

@@ -96,6 +96,9 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the weights (0: off); evaluated when on
     budget_counts: str = "all"  # "train": evaluation time is not charged to the budget (the paper's count)
     preset: str | None = None
+    profile: bool = False  # --profile: measure where the time goes instead of training
+    profile_sizes: str | None = None  # "32,64": default, every stage size of the plan
+    profile_steps: int = 20
     preset_overrides: list[str] = field(default_factory=list)  # flags given that changed a preset's value
 
     @property
@@ -106,6 +109,14 @@ class TrainConfig:
         if self.curriculum is None:
             return CurriculumPlan.fixed(self.image_size, PATCH_SIZE)
         return CurriculumPlan.parse(self.curriculum, final=self.image_size, patch=PATCH_SIZE)
+
+    def profile_size_list(self) -> list[int]:
+        if not self.profile_sizes:
+            return [s.image_size for s in self.plan().stages()]
+        try:
+            return [int(s) for s in str(self.profile_sizes).split(",")]
+        except ValueError:
+            raise ConfigError(f"--profile-sizes: expected sizes like 32,64,224, got {self.profile_sizes!r}") from None
 
     @property
     def final_eval_size(self) -> int:
@@ -126,7 +137,7 @@ DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "compile": False, "workers": 0,
     "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
     "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
-    "budget_counts": "all",
+    "budget_counts": "all", "profile": False, "profile_sizes": None, "profile_steps": 20,
 }
 # --data demo: sized so a 2-core CPU crosses three curriculum stages and learns the demo in minutes; lr 8e-3 for
 # batch 512 is a peak lr of 1e-3 at batch 64.
@@ -188,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-every", type=int, help="evaluate every K epochs (0: only at the end; default 1)")
     add("--log-every", type=float, help="seconds between metrics lines (default 10)")
     add("--ckpt-every", help="checkpoint period (also at each stage change and the end; default 30m)")
+    add("--profile", action="store_true",
+        help="instead of training: time the pipeline alone, the model step alone and the full loop at each stage "
+             "size, print a table, write profile.json and a torch.profiler trace")
+    add("--profile-sizes", help="comma-separated sizes for --profile (default: the plan's stage sizes)")
+    add("--profile-steps", type=int, help="timed steps per measurement for --profile (default 20)")
     add("--resume", metavar="RUN_DIR",
         help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
     return p
@@ -251,7 +267,8 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
         min_area=r["min_area"], randaug=r["randaug"], randaug_n=r["randaug_n"], mixup=r["mixup"],
         cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],
-        budget_counts=r["budget_counts"], preset=r.get("preset"),
+        budget_counts=r["budget_counts"], preset=r.get("preset"), profile=r["profile"],
+        profile_sizes=r["profile_sizes"], profile_steps=r["profile_steps"],
     )
     _check(cfg)
     return cfg
@@ -306,5 +323,10 @@ def _check(cfg: TrainConfig) -> None:
             f"--mixup/--cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
     if not 0 < cfg.min_area <= 1:
         raise ConfigError(f"--min-area must lie in (0, 1], got {cfg.min_area}")
+    if cfg.profile_steps < 1:
+        raise ConfigError(f"--profile-steps must be positive, got {cfg.profile_steps}")
+    for size in cfg.profile_size_list():
+        if size <= 0 or size % PATCH_SIZE:
+            raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")

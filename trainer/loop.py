@@ -285,6 +285,9 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
                               lr=state.lr, images_seen=state.images_seen, interval_s=round(interval, 3),
                               data_wait=round(min(1.0, wait_s / interval), 4), tflops=float(f"{tflops:.4g}"),
                               mfu=float(f"{tflops * 1e12 / peak:.4g}") if peak else None, elapsed_s=round(now, 3),
+                              # at this stage's pace (later stages are slower: an upper bound)
+                              projected_epochs=round((state.images_seen + ips * budget.remaining) / len(train_split),
+                                                     2),
                               **device_memory(device))
                 run.log("train", **fields)
                 readout.update(**fields)

@@ -62,6 +62,7 @@ class Readout:
             "loss": f"{s['loss']:.4f}" if "loss" in s else "-",
             "lr": f"{s['lr']:.2e}" if "lr" in s else "-",
             "val top1": f"{100 * s['top1']:.1f}%" if "top1" in s else "-",
+            "epochs (proj.)": f"{s['projected_epochs']:.1f}" if "projected_epochs" in s else "-",
             "budget": f"{_duration(elapsed)} / {_duration(self.budget_s)} ({_duration(self.budget_s - elapsed)} left)",
         }
 

@@ -1,0 +1,139 @@
+"""`vit-train --profile`: where the time goes at each stage size — pipeline alone, model step alone, full loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import build_model
+from model.flops import forward_flops
+from pipelines import Split, StageLoader
+from trainer.augment import BatchAugment
+from trainer.config import TrainConfig
+from trainer.hardware import peak_flops
+from trainer.loop import resolve_amp, resolve_device, stage_spec, weight_decay_groups
+from trainer.resize import resize_for_stage
+from trainer.rundir import write_json_atomic
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else float("nan")
+
+
+class _Step:
+    """One optimizer step of the run's model, augmentation and precision."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
+        self.device, self.amp = device, resolve_amp(cfg.amp, device)
+        self.net = build_model(cfg.model, num_classes=num_classes, act=cfg.act, drop_path=cfg.drop_path)
+        self.net = self.net.to(device, memory_format=torch.channels_last).train()
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.net, cfg.weight_decay), lr=cfg.peak_lr,
+                                           fused=device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.augment = BatchAugment(cfg, num_classes, device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, targets = self.augment(images, labels)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = self.augment.criterion(self.net(images), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def _time_batches(batches, steps: int, warmup: int, device: torch.device, work=None) -> float:
+    """Images/s over ``steps`` batches after ``warmup``; ``work(images, labels)`` runs on each if given."""
+    done, images_timed, start = 0, 0, 0.0
+    while done < warmup + steps:
+        for images, labels in batches:
+            if work is not None:
+                work(images, labels)
+            done += 1
+            if done == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            elif done > warmup:
+                images_timed += labels.shape[0]
+            if done == warmup + steps:
+                break
+    _sync(device)
+    return _rate(images_timed, time.perf_counter() - start)
+
+
+def _advice(bound: str, pipeline: float, loop: float, model: float, device: torch.device) -> str:
+    if bound == "data":
+        return ("data-bound: more pipeline threads (--workers), a pre-resized copy of the data, "
+                "or lighter augmentation (--randaug)")
+    if loop < 0.9 * min(pipeline, model):
+        if device.type == "cpu":
+            return "the pipeline and the model share the CPU cores: a GPU, or fewer --workers"
+        return "loop overhead: check the data-wait column and host syncs; try --compile"
+    return "compute-bound: a larger batch (--stage-batch tokens) or --compile to cut launch overhead"
+
+
+def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], steps: int = 20,
+            warmup: int = 3, say=print) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    step = _Step(cfg, len(train_split.classes), device)
+    peak = peak_flops(device)
+    rows = []
+    for size in sizes:
+        resize_for_stage(step.net, step.optimizer, size)
+        spec = stage_spec(cfg, device, size, cfg.batch_size)
+        loader = StageLoader(train_split, spec, train=True, device=device)
+        pipeline_ips = _time_batches(loader, steps, warmup, device)
+        # the model alone: one synthetic on-device batch, as the pipeline would hand it over (NHWC, channels-last)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        x = torch.randn(cfg.batch_size, size, size, 3, device=device, dtype=dtype).permute(0, 3, 1, 2)
+        y = torch.randint(0, len(train_split.classes), (cfg.batch_size,), device=device)
+        synthetic = [(x, y)] * (steps + warmup)
+        model_ips = _time_batches(synthetic, steps, warmup, device, work=lambda i, t: step(i.clone(), t))
+        loop_ips = _time_batches(loader, steps, warmup, device, work=step)
+        loader.close()
+        flops = 3.0 * forward_flops(step.net, size)
+        bound = "data" if pipeline_ips < model_ips else "compute"
+        rows.append({"image_size": size, "batch_size": cfg.batch_size, "pipeline_ips": round(pipeline_ips, 1),
+                     "model_ips": round(model_ips, 1), "loop_ips": round(loop_ips, 1), "bound": bound,
+                     "loop_tflops": float(f"{loop_ips * flops / 1e12:.4g}"),
+                     "loop_mfu": float(f"{loop_ips * flops / peak:.4g}") if peak else None,
+                     "advice": _advice(bound, pipeline_ips, loop_ips, model_ips, device)})
+        say(f"{size:>4} px: pipeline {pipeline_ips:8.0f} img/s, model {model_ips:8.0f}, loop {loop_ips:8.0f} "
+            f"-> {bound}-bound")
+
+    # A trace of a few full-loop steps at the last size, for Perfetto or TensorBoard.
+    loader = StageLoader(train_split, stage_spec(cfg, device, sizes[-1], cfg.batch_size), train=True, device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    trace = out / "trace.json"
+    with torch.profiler.profile(activities=activities) as prof:
+        _time_batches(loader, min(steps, 5), 1, device, work=step)
+    prof.export_chrome_trace(str(trace))
+    loader.close()
+
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "model": cfg.model, "amp": str(step.amp), "steps": steps, "warmup": warmup, "rows": rows,
+              "trace": trace.name}
+    write_json_atomic(out / "profile.json", report)
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']} on {report['device']}, amp {report['amp']}, {report['steps']} timed steps per cell",
+             f"{'size':>5} {'batch':>5} {'pipeline img/s':>15} {'model img/s':>12} {'loop img/s':>11} "
+             f"{'TFLOP/s':>8} {'MFU':>6} {'bound':>8}  what to try"]
+    for r in report["rows"]:
+        mfu = f"{100 * r['loop_mfu']:.1f}%" if r["loop_mfu"] is not None else "-"
+        lines.append(f"{r['image_size']:>5} {r['batch_size']:>5} {r['pipeline_ips']:>15.0f} {r['model_ips']:>12.0f} "
+                     f"{r['loop_ips']:>11.0f} {r['loop_tflops']:>8.3g} {mfu:>6} {r['bound']:>8}  {r['advice']}")
+    return "\n".join(lines)
+
