@@ -3,6 +3,11 @@
     python tools/bench.py curriculum [--rebuilds 20] [--data DIR] [--device cpu|cuda]
         Rebuilds the train loader (cycling through the curriculum sizes 32..224) and reports host RSS growth
         after the first cycle and the mean rebuild time: a stage change must not leak pipelines or pool memory.
+    python tools/bench.py pipeline [--workers 2] [--repeats 3]
+        Our DALI train pipeline vs a torch DataLoader with torchvision's ImageFolder + RandomResizedCrop + flip +
+        normalize, same images, same number of CPU workers/threads, at 32, 64, 128, 224 px: images/s and ratio.
+    python tools/bench.py model [--batch-size 8] [--repeats 3]
+        Training step (forward, backward, AdamW) of the locality ViT-S vs timm's DeiT-S at 32..224 px.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines import StageLoader, StageSpec, index_dataset  # noqa: E402
+from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset  # noqa: E402
 from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
 
 
@@ -78,6 +83,96 @@ def _device_used_mb() -> float:
     return (total - free) / 2**20
 
 
+SIZES = (32, 64, 128, 224)
+
+
+def _median_of(repeats: int, measure) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def bench_pipeline(args: argparse.Namespace) -> None:
+    from torchvision import datasets, transforms
+
+    data = Path(args.data) if args.data else ensure_demo_dataset()
+    train, _ = index_dataset(data)
+    rows = []
+    for size in SIZES:
+        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers)
+
+        def dali(spec: StageSpec = spec) -> float:
+            loader = StageLoader(train, spec, train=True, device=torch.device("cpu"))
+            ips = _images_per_second(loader, args.batches)
+            loader.close()
+            return ips
+
+        tf = transforms.Compose([
+            transforms.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        folder = datasets.ImageFolder(str(data / "train"), transform=tf)
+
+        def torchvision_loader(folder: datasets.ImageFolder = folder) -> float:
+            loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True,
+                                                 num_workers=args.workers, drop_last=True, persistent_workers=False)
+            return _images_per_second(loader, args.batches)
+
+        ours, theirs = _median_of(args.repeats, dali), _median_of(args.repeats, torchvision_loader)
+        rows.append((size, ours, theirs))
+        print(f"{size} px: DALI {ours:.0f} img/s, DataLoader {theirs:.0f} img/s", flush=True)
+    print(f"\n$ python tools/bench.py pipeline --workers {args.workers} --batch-size {args.batch_size} "
+          f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})")
+    print(f"{'size':>5} {'DALI img/s':>11} {'DataLoader img/s':>17} {'ratio':>6}")
+    for size, ours, theirs in rows:
+        print(f"{size:>5} {ours:>11.0f} {theirs:>17.0f} {ours / theirs:>6.2f}")
+
+
+def _images_per_second(batches, count: int, warmup: int = 2) -> float:
+    seen, start = 0, 0.0
+    for i, (_, labels) in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        elif i > warmup:
+            seen += labels.shape[0]
+        if i == warmup + count:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def bench_model(args: argparse.Namespace) -> None:
+    from torch import nn
+
+    from model import build_model
+
+    rows = []
+    for size in SIZES:
+        times = {}
+        for name in ("vit_local_small_patch16", "deit_small_patch16_224"):
+            net = build_model(name, num_classes=1000, image_size=size)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            x = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (args.batch_size,))
+
+            def step(net=net, opt=opt, x=x, y=y) -> float:
+                start = time.perf_counter()
+                loss = nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return time.perf_counter() - start
+
+            step()  # warm-up
+            times[name] = _median_of(args.repeats, step)
+        rows.append((size, times["vit_local_small_patch16"], times["deit_small_patch16_224"]))
+        print(f"{size} px: ours {rows[-1][1] * 1e3:.0f} ms, DeiT-S {rows[-1][2] * 1e3:.0f} ms", flush=True)
+    print(f"\n$ python tools/bench.py model --batch-size {args.batch_size} --repeats {args.repeats}   "
+          f"(median step time of {args.repeats}, CPU)")
+    print(f"{'size':>5} {'locality ViT-S ms':>18} {'DeiT-S ms':>10} {'ratio':>6}")
+    for size, ours, deit in rows:
+        print(f"{size:>5} {ours * 1e3:>18.0f} {deit * 1e3:>10.0f} {ours / deit:>6.2f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="vitbudget benchmarks")
     sub = p.add_subparsers(dest="bench", required=True)
@@ -89,8 +184,17 @@ def main() -> int:
     c.add_argument("--workers", type=int, default=0)
     c.add_argument("--data", default=None)
     c.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    q = sub.add_parser("pipeline", help="DALI vs a torchvision DataLoader, same images and workers")
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--batches", type=int, default=15)
+    q.add_argument("--repeats", type=int, default=3)
+    q.add_argument("--data", default=None)
+    m = sub.add_parser("model", help="locality ViT-S vs DeiT-S training step")
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    {"curriculum": bench_curriculum}[args.bench](args)
+    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model}[args.bench](args)
     return 0
 
 
