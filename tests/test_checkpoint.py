@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest, save_checkpoint
@@ -31,16 +32,8 @@ def test_truncated_newest_is_reported_and_the_previous_used(tmp_path):
 
 
 def test_nothing_readable_is_an_error(tmp_path):
-    try:
+    with pytest.raises(NoCheckpointError, match="no readable checkpoint"):
         load_latest(tmp_path)
-    except NoCheckpointError as e:
-        assert "no readable checkpoint" in str(e)
-    else:
-        raise AssertionError("expected NoCheckpointError")
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"garbage")
-    try:
+    with pytest.raises(NoCheckpointError, match="ckpt-000000005.pt"):
         load_latest(tmp_path)
-    except NoCheckpointError as e:
-        assert "ckpt-000000005.pt" in str(e)
-    else:
-        raise AssertionError("expected NoCheckpointError")
