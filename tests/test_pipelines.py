@@ -123,3 +123,18 @@ def test_prepared_file_list_is_used(tmp_path):
     split = index_split(root, "train")
     assert split.files == (str(root / "train/c_blue/c_blue_1.JPEG"), str(root / "train/a_red/a_red_0.JPEG"))
     assert split.labels == (2, 0)
+
+
+def test_synthetic_loader_matches_the_stage_loader_interface():
+    from pipelines.synthetic import SyntheticLoader
+
+    loader = SyntheticLoader(10, StageSpec(image_size=32, batch_size=4), steps_per_epoch=3, device=CPU)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    for images, labels in batches:
+        assert images.shape == (4, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and int(labels.max()) < 10
+    batches[0][0].zero_()  # a consumer's in-place augmentation does not leak into the next batch
+    assert next(iter(loader))[0].abs().sum() > 0
+    loader.set_stage(StageSpec(image_size=48, batch_size=2))
+    assert next(iter(loader))[0].shape == (2, 3, 48, 48)

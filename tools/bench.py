@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
 import sys
 import time
@@ -173,6 +175,59 @@ def bench_model(args: argparse.Namespace) -> None:
         print(f"{size:>5} {ours * 1e3:>18.0f} {deit * 1e3:>10.0f} {ours / deit:>6.2f}")
 
 
+def bench_loop(args: argparse.Namespace) -> None:
+    """The full training loop (schedule, budget checks, metrics, checkpoints) on synthetic on-device batches vs
+    the bare step of the same model and batch: what the loop's own machinery costs."""
+    import tempfile
+
+    from rich.console import Console
+
+    from pipelines import Split
+    from pipelines.synthetic import SyntheticLoader
+    from trainer.budget import Budget
+    from trainer.config import parse_args
+    from trainer.loop import train
+    from trainer.profile import _Step, _time_batches
+    from trainer.readout import Readout
+    from trainer.rundir import RunDir
+
+    device = torch.device(args.device)
+    flags = ["--data", "synthetic", "--model", args.model, "--image-size", str(args.size), "--no-curriculum",
+             "--batch-size", str(args.batch_size), "--eval-every", "0", "--device", args.device,
+             "--budget", f"{args.seconds}s", "--log-every", "5"]
+    cfg = parse_args(flags)
+    steps_per_epoch = 50
+    fake = Split(root=Path("synthetic"), files=("x",) * (steps_per_epoch * args.batch_size),
+                 labels=(0,) * (steps_per_epoch * args.batch_size), classes=tuple(str(i) for i in range(1000)))
+
+    def synthetic(split, spec, *, train: bool, device: torch.device) -> SyntheticLoader:
+        return SyntheticLoader(len(split.classes), spec, steps_per_epoch=steps_per_epoch if train else 1,
+                               device=device)
+
+    loops, bares = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = RunDir(Path(tmp) / "run")
+            budget = Budget(cfg.budget_s)
+            readout = Readout(cfg.budget_s, clock=lambda b=budget: b.elapsed, live=False,
+                              console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+            train(cfg, fake, fake, run, readout, budget, loader=synthetic)
+            run.close()
+            events = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        # steady state: the metrics intervals after the first (which holds model build, FLOP count, warm-up)
+        loops.append(statistics.median([e["images_per_sec"] for e in events if e["event"] == "train"][1:]))
+        step = _Step(cfg, 1000, device)
+        spec = StageSpec(image_size=args.size, batch_size=args.batch_size, device="gpu" if device.type == "cuda"
+                         else "cpu", device_id=0 if device.type == "cuda" else None, half=device.type == "cuda")
+        batches = SyntheticLoader(1000, spec, steps_per_epoch=args.steps + 3, device=device)
+        bares.append(_time_batches(batches, args.steps, 3, device, work=step))
+    loop, bare = statistics.median(loops), statistics.median(bares)
+    print(f"\n$ python tools/bench.py loop --model {args.model} --size {args.size} --batch-size {args.batch_size} "
+          f"--seconds {args.seconds} --device {args.device}   (medians of {args.repeats})")
+    print(f"{'full loop img/s':>16} {'bare step img/s':>16} {'ratio':>6}")
+    print(f"{loop:>16.0f} {bare:>16.0f} {loop / bare:>6.2f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="vitbudget benchmarks")
     sub = p.add_subparsers(dest="bench", required=True)
@@ -193,8 +248,17 @@ def main() -> int:
     m = sub.add_parser("model", help="locality ViT-S vs DeiT-S training step")
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--repeats", type=int, default=3)
+    lp = sub.add_parser("loop", help="the full loop on synthetic on-device data vs the bare step")
+    lp.add_argument("--model", default="vit_local_tiny_patch16")
+    lp.add_argument("--size", type=int, default=64)
+    lp.add_argument("--batch-size", type=int, default=64)
+    lp.add_argument("--seconds", type=int, default=30)
+    lp.add_argument("--steps", type=int, default=30)
+    lp.add_argument("--repeats", type=int, default=3)
+    lp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args()
-    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model}[args.bench](args)
+    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model,
+     "loop": bench_loop}[args.bench](args)
     return 0
 
 

@@ -123,7 +123,10 @@ class StopFlag:
 
 
 def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
-          budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+          budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
+          loader: Callable[..., StageLoader] = StageLoader) -> dict[str, Any]:
+    """Train until the budget ends. ``loader`` builds the train and val loaders (``StageLoader``; benchmarks pass
+    a synthetic one with the same interface)."""
     stop = stop or StopFlag()
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
@@ -160,10 +163,9 @@ def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, r
     def spec(size: int, batch: int, train: bool = True) -> StageSpec:  # a new shuffle order for each attempt
         return stage_spec(cfg, device, size, batch, seed=cfg.seed + state.attempt, train=train)
 
-    train_batches = StageLoader(train_split, spec(state.image_size or plan.start, state.batch_size or cfg.batch_size),
-                                train=True, device=device)
-    val_batches = StageLoader(val_split, spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False,
-                              device=device)
+    train_batches = loader(train_split, spec(state.image_size or plan.start, state.batch_size or cfg.batch_size),
+                           train=True, device=device)
+    val_batches = loader(val_split, spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False, device=device)
 
     params = sum(p.numel() for p in net.parameters())
     run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype), attempt=state.attempt,
