@@ -187,7 +187,7 @@ def bench_loop(args: argparse.Namespace) -> None:
     from trainer.budget import Budget
     from trainer.config import parse_args
     from trainer.loop import train
-    from trainer.profile import _Step, _time_batches
+    from trainer.profile import TrainStep, time_batches
     from trainer.readout import Readout
     from trainer.rundir import RunDir
 
@@ -215,12 +215,15 @@ def bench_loop(args: argparse.Namespace) -> None:
             run.close()
             events = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         # steady state: the metrics intervals after the first (which holds model build, FLOP count, warm-up)
-        loops.append(statistics.median([e["images_per_sec"] for e in events if e["event"] == "train"][1:]))
-        step = _Step(cfg, 1000, device)
+        rates = [e["images_per_sec"] for e in events if e["event"] == "train"][1:]
+        if not rates:
+            raise SystemExit(f"bench loop: fewer than two metrics intervals in {args.seconds}s; raise --seconds")
+        loops.append(statistics.median(rates))
+        step = TrainStep(cfg, 1000, device)
         spec = StageSpec(image_size=args.size, batch_size=args.batch_size, device="gpu" if device.type == "cuda"
                          else "cpu", device_id=0 if device.type == "cuda" else None, half=device.type == "cuda")
         batches = SyntheticLoader(1000, spec, steps_per_epoch=args.steps + 3, device=device)
-        bares.append(_time_batches(batches, args.steps, 3, device, work=step))
+        bares.append(time_batches(batches, args.steps, 3, device, work=step))
     loop, bare = statistics.median(loops), statistics.median(bares)
     print(f"\n$ python tools/bench.py loop --model {args.model} --size {args.size} --batch-size {args.batch_size} "
           f"--seconds {args.seconds} --device {args.device}   (medians of {args.repeats})")

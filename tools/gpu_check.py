@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 from model import MODELS, build_model  # noqa: E402
 from pipelines import StageLoader, StageSpec, index_dataset  # noqa: E402
 from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
+from trainer.profile import time_batches  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -35,19 +36,9 @@ def sync(device: torch.device) -> None:
 def time_pipeline(split, spec: StageSpec, device: torch.device, batches: int, warmup: int = 3) -> float:
     """Images/s of the train pipeline alone (batches land on the device; nothing consumes them)."""
     loader = StageLoader(split, spec, train=True, device=device)
-    done, start = 0, None
-    while done < warmup + batches:
-        for _batch in loader:
-            done += 1
-            if done == warmup:
-                sync(device)
-                start = time.perf_counter()
-            if done == warmup + batches:
-                break
-    sync(device)
-    seconds = time.perf_counter() - start
+    ips = time_batches(loader, batches, warmup, device)
     loader.close()
-    return batches * spec.batch_size / seconds
+    return ips
 
 
 def time_model(name: str, size: int, batch: int, device: torch.device, amp: torch.dtype | None, steps: int,

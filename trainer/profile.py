@@ -28,7 +28,7 @@ def _rate(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else float("nan")
 
 
-class _Step:
+class TrainStep:
     """One optimizer step of the run's model, augmentation and precision."""
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
@@ -50,7 +50,7 @@ class _Step:
         self.scaler.update()
 
 
-def _time_batches(batches, steps: int, warmup: int, device: torch.device, work=None) -> float:
+def time_batches(batches, steps: int, warmup: int, device: torch.device, work=None) -> float:
     """Images/s over ``steps`` batches after ``warmup``; ``work(images, labels)`` runs on each if given."""
     done, images_timed, start = 0, 0, 0.0
     while done < warmup + steps:
@@ -83,21 +83,21 @@ def _advice(bound: str, pipeline: float, loop: float, model: float, device: torc
 def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], steps: int = 20,
             warmup: int = 3, say=print) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    step = _Step(cfg, len(train_split.classes), device)
+    step = TrainStep(cfg, len(train_split.classes), device)
     peak = peak_flops(device)
     rows = []
     for size in sizes:
         resize_for_stage(step.net, step.optimizer, size)
         spec = stage_spec(cfg, device, size, cfg.batch_size)
         loader = StageLoader(train_split, spec, train=True, device=device)
-        pipeline_ips = _time_batches(loader, steps, warmup, device)
+        pipeline_ips = time_batches(loader, steps, warmup, device)
         # the model alone: one synthetic on-device batch, as the pipeline would hand it over (NHWC, channels-last)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         x = torch.randn(cfg.batch_size, size, size, 3, device=device, dtype=dtype).permute(0, 3, 1, 2)
         y = torch.randint(0, len(train_split.classes), (cfg.batch_size,), device=device)
         synthetic = [(x, y)] * (steps + warmup)
-        model_ips = _time_batches(synthetic, steps, warmup, device, work=lambda i, t: step(i.clone(), t))
-        loop_ips = _time_batches(loader, steps, warmup, device, work=step)
+        model_ips = time_batches(synthetic, steps, warmup, device, work=lambda i, t: step(i.clone(), t))
+        loop_ips = time_batches(loader, steps, warmup, device, work=step)
         loader.close()
         flops = 3.0 * forward_flops(step.net, size)
         bound = "data" if pipeline_ips < model_ips else "compute"
@@ -116,7 +116,7 @@ def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], s
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     trace = out / "trace.json"
     with torch.profiler.profile(activities=activities) as prof:
-        _time_batches(loader, min(steps, 5), 1, device, work=step)
+        time_batches(loader, min(steps, 5), 1, device, work=step)
     prof.export_chrome_trace(str(trace))
     loader.close()
 
