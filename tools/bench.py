@@ -27,6 +27,9 @@ import torch  # noqa: E402
 
 from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset  # noqa: E402
 from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
+from trainer.profile import time_batches  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def rss_mb() -> float:
@@ -102,8 +105,8 @@ def bench_pipeline(args: argparse.Namespace) -> None:
         spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers)
 
         def dali(spec: StageSpec = spec) -> float:
-            loader = StageLoader(train, spec, train=True, device=torch.device("cpu"))
-            ips = _images_per_second(loader, args.batches)
+            loader = StageLoader(train, spec, train=True, device=CPU)
+            ips = time_batches(loader, args.batches, 2, CPU)
             loader.close()
             return ips
 
@@ -118,28 +121,22 @@ def bench_pipeline(args: argparse.Namespace) -> None:
         def torchvision_loader(folder: datasets.ImageFolder = folder) -> float:
             loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True,
                                                  num_workers=args.workers, drop_last=True, persistent_workers=False)
-            return _images_per_second(loader, args.batches)
+            return time_batches(loader, args.batches, 2, CPU)
 
         ours, theirs = _median_of(args.repeats, dali), _median_of(args.repeats, torchvision_loader)
         rows.append((size, ours, theirs))
         print(f"{size} px: DALI {ours:.0f} img/s, DataLoader {theirs:.0f} img/s", flush=True)
-    print(f"\n$ python tools/bench.py pipeline --workers {args.workers} --batch-size {args.batch_size} "
-          f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})")
-    print(f"{'size':>5} {'DALI img/s':>11} {'DataLoader img/s':>17} {'ratio':>6}")
+    _ratio_table(f"python tools/bench.py pipeline --workers {args.workers} --batch-size {args.batch_size} "
+                 f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})",
+                 ("DALI img/s", "DataLoader img/s"), rows)
+
+
+def _ratio_table(command: str, columns: tuple[str, str], rows: list[tuple[int, float, float]]) -> None:
+    """The command, then one row per size: ours, theirs and ours/theirs."""
+    print(f"\n$ {command}")
+    print(f"{'size':>5} {columns[0]:>18} {columns[1]:>18} {'ratio':>6}")
     for size, ours, theirs in rows:
-        print(f"{size:>5} {ours:>11.0f} {theirs:>17.0f} {ours / theirs:>6.2f}")
-
-
-def _images_per_second(batches, count: int, warmup: int = 2) -> float:
-    seen, start = 0, 0.0
-    for i, (_, labels) in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        elif i > warmup:
-            seen += labels.shape[0]
-        if i == warmup + count:
-            break
-    return seen / (time.perf_counter() - start)
+        print(f"{size:>5} {ours:>18.0f} {theirs:>18.0f} {ours / theirs:>6.2f}")
 
 
 def bench_model(args: argparse.Namespace) -> None:
@@ -168,11 +165,9 @@ def bench_model(args: argparse.Namespace) -> None:
             times[name] = _median_of(args.repeats, step)
         rows.append((size, times["vit_local_small_patch16"], times["deit_small_patch16_224"]))
         print(f"{size} px: ours {rows[-1][1] * 1e3:.0f} ms, DeiT-S {rows[-1][2] * 1e3:.0f} ms", flush=True)
-    print(f"\n$ python tools/bench.py model --batch-size {args.batch_size} --repeats {args.repeats}   "
-          f"(median step time of {args.repeats}, CPU)")
-    print(f"{'size':>5} {'locality ViT-S ms':>18} {'DeiT-S ms':>10} {'ratio':>6}")
-    for size, ours, deit in rows:
-        print(f"{size:>5} {ours * 1e3:>18.0f} {deit * 1e3:>10.0f} {ours / deit:>6.2f}")
+    _ratio_table(f"python tools/bench.py model --batch-size {args.batch_size} --repeats {args.repeats}   "
+                 f"(median step time of {args.repeats}, CPU)", ("locality ViT-S ms", "DeiT-S ms"),
+                 [(size, ours * 1e3, deit * 1e3) for size, ours, deit in rows])
 
 
 def bench_loop(args: argparse.Namespace) -> None:
@@ -187,7 +182,7 @@ def bench_loop(args: argparse.Namespace) -> None:
     from trainer.budget import Budget
     from trainer.config import parse_args
     from trainer.loop import train
-    from trainer.profile import TrainStep, time_batches
+    from trainer.profile import TrainStep
     from trainer.readout import Readout
     from trainer.rundir import RunDir
 
