@@ -8,6 +8,11 @@
         normalize, same images, same number of CPU workers/threads, at 32, 64, 128, 224 px: images/s and ratio.
     python tools/bench.py model [--batch-size 8] [--repeats 3]
         Training step (forward, backward, AdamW) of the locality ViT-S vs timm's DeiT-S at 32..224 px.
+    python tools/bench.py loop [--device cpu|cuda] [--model M] [--size S] [--seconds 30]
+        The full training loop on synthetic on-device batches vs the bare step: the loop's own cost.
+    python tools/bench.py small-images [--workers 2] [--repeats 3] [--copy-sizes 64,128] [--source-ratio 2]
+        The train pipeline at 32 and 64 px reading ImageNet-sized JPEGs (375-500 px sides) vs reading the smallest
+        pre-resized copy whose shorter side is at least source-ratio x the stage size: what --max-size saves.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset  # noqa: E402
+from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset, index_split  # noqa: E402
 from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
 from trainer.profile import time_batches  # noqa: E402
 
@@ -226,6 +231,71 @@ def bench_loop(args: argparse.Namespace) -> None:
     print(f"{loop:>16.0f} {bare:>16.0f} {loop / bare:>6.2f}")
 
 
+def _imagenet_sized(root: Path, per_class: int) -> Path:
+    """Demo-texture JPEGs at ImageNet's usual sizes (sides 375-500 px, ~500x375 on average), built once."""
+    from pipelines.demo_dataset import build_demo_dataset
+
+    return build_demo_dataset(root, train_per_class=per_class, val_per_class=1, min_size=375, max_size=500)
+
+
+def _shrunk_copy(src: Path, dst: Path, short: int, quality: int = 90) -> Path:
+    """Pillow copy of ``src/train`` with every shorter side at most ``short`` px (the --max-size preparation)."""
+    from PIL import Image
+
+    if (dst / "done").exists():
+        return dst
+    for path in sorted((src / "train").rglob("*.JPEG")):
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as im:
+            scale = short / min(im.size)
+            if scale < 1:
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.BICUBIC, reducing_gap=3.0)
+            im.save(out, quality=quality)
+    (dst / "val").mkdir(exist_ok=True)
+    (dst / "done").touch()
+    return dst
+
+
+def _mean_bytes(split) -> float:
+    return statistics.mean(os.path.getsize(f) for f in split.files)
+
+
+def bench_small_images(args: argparse.Namespace) -> None:
+    cache = Path(args.cache)
+    full = _imagenet_sized(cache / "full", args.per_class)
+    full_split = index_split(full, "train")
+    copies = {short: index_split(_shrunk_copy(full, cache / f"short{short}", short), "train",
+                                 classes=full_split.classes) for short in args.copy_sizes}
+    rows = []
+    for size in (32, 64):
+        # the trainer's rule: the smallest copy whose shorter side is at least source-ratio x the stage size
+        short = min((s for s in copies if s >= args.source_ratio * size), default=None)
+        if short is None:
+            raise SystemExit(f"bench small-images: no copy of at least {args.source_ratio * size} px for {size} px")
+        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers)
+
+        def rate(split, spec: StageSpec = spec) -> float:
+            loader = StageLoader(split, spec, train=True, device=CPU)
+            ips = time_batches(loader, args.batches, 2, CPU)
+            loader.close()
+            return ips
+
+        theirs = _median_of(args.repeats, lambda: rate(full_split))
+        ours = _median_of(args.repeats, lambda split=copies[short]: rate(split))
+        rows.append((size, short, ours, theirs))
+        print(f"{size} px: {short}-px copy {ours:.0f} img/s, full-size {theirs:.0f} img/s", flush=True)
+    print(f"\nfull-size JPEGs: {len(full_split)} files, {_mean_bytes(full_split) / 1e3:.0f} KB mean; copies: "
+          + ", ".join(f"{s} px {_mean_bytes(c) / 1e3:.1f} KB" for s, c in copies.items()))
+    print(f"\n$ python tools/bench.py small-images --copy-sizes {','.join(map(str, args.copy_sizes))} "
+          f"--source-ratio {args.source_ratio} --workers {args.workers} --batch-size {args.batch_size} "
+          f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})")
+    print(f"{'size':>5} {'copy px':>8} {'copy img/s':>11} {'full-size img/s':>16} {'ratio':>6}")
+    for size, short, ours, theirs in rows:
+        print(f"{size:>5} {short:>8} {ours:>11.0f} {theirs:>16.0f} {ours / theirs:>6.2f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="vitbudget benchmarks")
     sub = p.add_subparsers(dest="bench", required=True)
@@ -254,9 +324,20 @@ def main() -> int:
     lp.add_argument("--steps", type=int, default=30)
     lp.add_argument("--repeats", type=int, default=3)
     lp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    si = sub.add_parser("small-images", help="small-image epochs: full-size JPEGs vs a pre-resized copy")
+    si.add_argument("--copy-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128],
+                    help="shorter sides of the pre-resized copies")
+    si.add_argument("--source-ratio", type=float, default=2.0, help="copy side >= ratio x stage size")
+    si.add_argument("--per-class", type=int, default=64, help="train images per class (10 classes)")
+    si.add_argument("--cache", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "vitbudget-bench"),
+                    help="where the ImageNet-sized set and its copy are built (reused)")
+    si.add_argument("--workers", type=int, default=2)
+    si.add_argument("--batch-size", type=int, default=64)
+    si.add_argument("--batches", type=int, default=8)
+    si.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model,
-     "loop": bench_loop}[args.bench](args)
+     "loop": bench_loop, "small-images": bench_small_images}[args.bench](args)
     return 0
 
 
