@@ -38,6 +38,7 @@ class StageSpec:
     interp: Literal["linear", "cubic"] = "linear"
     rand_augment: tuple[int, int] | None = None  # (ops per image, magnitude on DALI's 0..30 scale)
     min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
+    source_ratio: float = 2.0  # prepared copies: read the smallest whose shorter side >= source_ratio x image_size
 
     def __post_init__(self) -> None:
         if self.device == "gpu" and self.device_id is None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -22,9 +23,21 @@ class Split:
     files: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
+    # Pre-resized copies of this split (tools/prepare_imagenet.py --max-size 96,192,full): (the copy's largest
+    # shorter side in px, the copy's folder for this split). The same relative files, smaller JPEGs.
+    copies: tuple[tuple[int, Path], ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def for_stage(self, image_size: int, source_ratio: float) -> Split:
+        """The smallest copy whose shorter side is at least ``source_ratio`` x ``image_size`` (else this split)."""
+        fits = [(px, folder) for px, folder in self.copies if px >= source_ratio * image_size]
+        if not fits:
+            return self
+        _, folder = min(fits)
+        cut = len(str(self.root))
+        return replace(self, root=folder, files=tuple(str(folder) + f[cut:] for f in self.files), copies=())
 
 
 def _is_image(name: str) -> bool:
@@ -69,7 +82,25 @@ def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) 
             labels.extend([index[name]] * len(images))
     if not files:
         raise DatasetError(f"{folder} holds no images (.JPEG, .jpg or .png files in its class folders)")
-    return Split(root=folder, files=tuple(files), labels=tuple(labels), classes=tuple(classes))
+    return Split(root=folder, files=tuple(files), labels=tuple(labels), classes=tuple(classes),
+                 copies=_copies(root, split) if listing.is_file() else ())
+
+
+def _copies(root: Path, split: str) -> tuple[tuple[int, Path], ...]:
+    """The smaller copies that ``root/manifest.json`` (written by tools/prepare_imagenet.py) lists."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return ()
+    try:
+        entries = json.loads(manifest.read_text()).get("copies", [])
+        copies = tuple((int(c["max_size"]), root / c["path"] / split) for c in entries
+                       if c.get("max_size") is not None and c.get("path") not in (None, "", "."))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise DatasetError(f"{manifest}: unreadable 'copies' list; prepare the dataset again") from None
+    for _, folder in copies:
+        if not folder.is_dir():
+            raise DatasetError(f"{manifest} lists a copy at {folder}, which is missing")
+    return copies
 
 
 def index_dataset(root: Path) -> tuple[Split, Split]:

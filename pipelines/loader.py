@@ -56,6 +56,7 @@ class StageLoader:
     def __init__(self, split: Split, spec: StageSpec, *, train: bool, device: torch.device) -> None:
         self.split, self.train, self.device = split, train, device
         self.spec = spec
+        self.source = split  # what the current pipeline reads: the split, or its pre-resized copy for this stage
         self._iterator: DALIGenericIterator | None = None
 
     def set_stage(self, spec: StageSpec) -> None:
@@ -65,6 +66,11 @@ class StageLoader:
             self.spec = spec
             self._start()
 
+    @property
+    def source_px(self) -> int | None:
+        """The shorter-side size of the pre-resized copy being read, or None when reading the split itself."""
+        return next((px for px, folder in self.split.copies if folder == self.source.root), None)
+
     def __len__(self) -> int:
         per_shard = -(-len(self.split) // self.spec.num_shards)
         if self.train:
@@ -73,7 +79,8 @@ class StageLoader:
 
     def _build(self) -> DALIGenericIterator:
         builder = build_train_pipeline if self.train else build_val_pipeline
-        pipe = builder(self.split, self.spec)
+        self.source = self.split.for_stage(self.spec.image_size, self.spec.source_ratio)
+        pipe = builder(self.source, self.spec)
         return DALIGenericIterator(
             [pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
@@ -108,10 +115,10 @@ class StageLoader:
                 yield images, labels
 
     def _explain(self, message: str) -> ImageDecodeError:
-        for path in self.split.files:  # some DALI errors (e.g. file mapping) name the file
+        for path in self.source.files:  # some DALI errors (e.g. file mapping) name the file
             if path in message:
                 return ImageDecodeError(path, _dali_reason(message), message)
-        found = find_broken_image(self.split.files)
+        found = find_broken_image(self.source.files)
         if found:
             return ImageDecodeError(found[0], found[1], message)
         return ImageDecodeError(None, _dali_reason(message), message)

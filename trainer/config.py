@@ -87,6 +87,7 @@ class TrainConfig:
     log_every_s: float = 10.0
     interp: str = "bilinear"  # resize interpolation (the paper's text: bilinear; the authors' code: bicubic)
     min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
+    source_ratio: float = 2.0  # read the smallest prepared copy whose shorter side is >= this x the stage size
     randaug: int = 0  # RandAugment magnitude on timm's 0..10 scale (0: off); DeiT: 9
     randaug_n: int = 2  # RandAugment operations per image
     mixup: float = 0.0  # mixup alpha (0: off); DeiT: 0.8
@@ -136,6 +137,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_schedule": "cosine-time", "min_lr": 1e-5, "warmup": "0", "epochs": None, "weight_decay": 0.05,
     "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "compile": False, "workers": 0,
     "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
+    "source_ratio": 2.0,
     "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
     "budget_counts": "all", "profile": False, "profile_sizes": None, "profile_steps": 20,
 }
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
     add("--interp", choices=("bilinear", "bicubic"), help="resize interpolation (default bilinear)")
     add("--min-area", type=float, help="random-resized-crop minimum area fraction (default 0.08)")
+    add("--source-ratio", type=float,
+        help="with a dataset prepared at several --max-size copies: read, per stage, the smallest copy whose "
+             "shorter side is at least this times the stage size (default 2)")
     add("--randaug", type=int, help="RandAugment magnitude 1..10 on timm's scale (default 0: off; DeiT 9)")
     add("--randaug-n", type=int, help="RandAugment operations per image (default 2)")
     add("--mixup", type=float, help="mixup alpha (default 0: off; DeiT 0.8)")
@@ -265,8 +270,8 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], compile=r["compile"],
         workers=r["workers"], seed=r["seed"], eval_every=r["eval_every"], log_every_s=r["log_every"],
         ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
-        min_area=r["min_area"], randaug=r["randaug"], randaug_n=r["randaug_n"], mixup=r["mixup"],
-        cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],
+        min_area=r["min_area"], source_ratio=r["source_ratio"], randaug=r["randaug"], randaug_n=r["randaug_n"],
+        mixup=r["mixup"], cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],
         budget_counts=r["budget_counts"], preset=r.get("preset"), profile=r["profile"],
         profile_sizes=r["profile_sizes"], profile_steps=r["profile_steps"],
     )
@@ -323,6 +328,9 @@ def _check(cfg: TrainConfig) -> None:
             f"--mixup/--cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
     if not 0 < cfg.min_area <= 1:
         raise ConfigError(f"--min-area must lie in (0, 1], got {cfg.min_area}")
+    if cfg.source_ratio < 1:
+        raise ConfigError(f"--source-ratio must be at least 1 (a copy smaller than the stage would be upsampled), "
+                          f"got {cfg.source_ratio}")
     if cfg.profile_steps < 1:
         raise ConfigError(f"--profile-steps must be positive, got {cfg.profile_steps}")
     for size in cfg.profile_size_list():

@@ -71,7 +71,8 @@ def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_si
                      device_id=(device.index or 0) if gpu else None, num_threads=cfg.workers,
                      seed=cfg.seed if seed is None else seed, half=gpu,
                      interp="cubic" if cfg.interp == "bicubic" else "linear",
-                     rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area)
+                     rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
+                     source_ratio=cfg.source_ratio)
 
 
 def randaug_bins(cfg: TrainConfig) -> tuple[int, int] | None:
@@ -350,11 +351,12 @@ def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net:
     rebuild_s = time.monotonic() - start
     fields = dict(stage=state.stage, epoch=state.epoch, image_size=state.image_size, batch_size=state.batch_size,
                   peak_lr=state.peak_lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),
-                  elapsed_s=round(budget.elapsed, 3))
+                  source_px=getattr(train_batches, "source_px", None), elapsed_s=round(budget.elapsed, 3))
     run.log("stage", **fields)
     readout.update(**fields)
     if readout.live:
-        readout.message(f"stage {state.stage}: {state.image_size} px, batch {state.batch_size}, "
+        source = f", reading the {fields['source_px']}-px copy" if fields["source_px"] else ""
+        readout.message(f"stage {state.stage}: {state.image_size} px, batch {state.batch_size}{source}, "
                         f"rebuilt in {rebuild_s:.2f}s")
 
 
