@@ -13,11 +13,14 @@
     python tools/bench.py small-images [--workers 2] [--repeats 3] [--copy-sizes 64,128] [--source-ratio 2]
         The train pipeline at 32 and 64 px reading ImageNet-sized JPEGs (375-500 px sides) vs reading the smallest
         pre-resized copy whose shorter side is at least source-ratio x the stage size: what --max-size saves.
+    python tools/bench.py prepare [--workers 2] [--repeats 3] [--max-sizes full 256 64,128,full]
+        tools/prepare_imagenet.py on ImageNet-sized JPEGs: images/s and bytes written per --max-size.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset, index_split  # noqa: E402
+from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset  # noqa: E402
 from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
 from trainer.profile import time_batches  # noqa: E402
 
@@ -238,24 +241,15 @@ def _imagenet_sized(root: Path, per_class: int) -> Path:
     return build_demo_dataset(root, train_per_class=per_class, val_per_class=1, min_size=375, max_size=500)
 
 
-def _shrunk_copy(src: Path, dst: Path, short: int, quality: int = 90) -> Path:
-    """Pillow copy of ``src/train`` with every shorter side at most ``short`` px (the --max-size preparation)."""
-    from PIL import Image
+def _prepared(src: Path, out: Path, max_size: str, workers: int) -> Path:
+    """``src`` through tools/prepare_imagenet.py (reused if already there)."""
+    from tools import prepare_imagenet
 
-    if (dst / "done").exists():
-        return dst
-    for path in sorted((src / "train").rglob("*.JPEG")):
-        out = dst / path.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as im:
-            scale = short / min(im.size)
-            if scale < 1:
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                               Image.Resampling.BICUBIC, reducing_gap=3.0)
-            im.save(out, quality=quality)
-    (dst / "val").mkdir(exist_ok=True)
-    (dst / "done").touch()
-    return dst
+    code = prepare_imagenet.main([str(src), "--out", str(out), "--max-size", max_size, "--workers", str(workers),
+                                  "--no-progress"])
+    if code:
+        raise SystemExit(f"bench: preparing {out} failed with exit code {code}")
+    return out
 
 
 def _mean_bytes(split) -> float:
@@ -265,16 +259,13 @@ def _mean_bytes(split) -> float:
 def bench_small_images(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     full = _imagenet_sized(cache / "full", args.per_class)
-    full_split = index_split(full, "train")
-    copies = {short: index_split(_shrunk_copy(full, cache / f"short{short}", short), "train",
-                                 classes=full_split.classes) for short in args.copy_sizes}
+    sizes = ",".join([*map(str, args.copy_sizes), "full"])
+    train, _ = index_dataset(_prepared(full, cache / f"prepared-{sizes.replace(',', '-')}", sizes, args.workers))
+    full_only = dataclasses.replace(train, copies=())
     rows = []
     for size in (32, 64):
-        # the trainer's rule: the smallest copy whose shorter side is at least source-ratio x the stage size
-        short = min((s for s in copies if s >= args.source_ratio * size), default=None)
-        if short is None:
-            raise SystemExit(f"bench small-images: no copy of at least {args.source_ratio * size} px for {size} px")
-        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers)
+        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers,
+                         source_ratio=args.source_ratio)
 
         def rate(split, spec: StageSpec = spec) -> float:
             loader = StageLoader(split, spec, train=True, device=CPU)
@@ -282,18 +273,47 @@ def bench_small_images(args: argparse.Namespace) -> None:
             loader.close()
             return ips
 
-        theirs = _median_of(args.repeats, lambda: rate(full_split))
-        ours = _median_of(args.repeats, lambda split=copies[short]: rate(split))
+        copy = train.for_stage(size, args.source_ratio)  # the trainer's rule picks the copy
+        short = next((px for px, folder in train.copies if folder == copy.root), None)
+        theirs = _median_of(args.repeats, lambda: rate(full_only))
+        ours = _median_of(args.repeats, lambda copy=copy: rate(copy))
         rows.append((size, short, ours, theirs))
         print(f"{size} px: {short}-px copy {ours:.0f} img/s, full-size {theirs:.0f} img/s", flush=True)
-    print(f"\nfull-size JPEGs: {len(full_split)} files, {_mean_bytes(full_split) / 1e3:.0f} KB mean; copies: "
-          + ", ".join(f"{s} px {_mean_bytes(c) / 1e3:.1f} KB" for s, c in copies.items()))
+    copies = ", ".join(f"{px} px {_mean_bytes(train.for_stage(1, px)) / 1e3:.1f} KB" for px, _ in train.copies)
+    print(f"\nfull-size JPEGs: {len(train)} files, {_mean_bytes(train) / 1e3:.0f} KB mean; copies: {copies}")
     print(f"\n$ python tools/bench.py small-images --copy-sizes {','.join(map(str, args.copy_sizes))} "
           f"--source-ratio {args.source_ratio} --workers {args.workers} --batch-size {args.batch_size} "
           f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})")
     print(f"{'size':>5} {'copy px':>8} {'copy img/s':>11} {'full-size img/s':>16} {'ratio':>6}")
     for size, short, ours, theirs in rows:
-        print(f"{size:>5} {short:>8} {ours:>11.0f} {theirs:>16.0f} {ours / theirs:>6.2f}")
+        print(f"{size:>5} {short or 'full':>8} {ours:>11.0f} {theirs:>16.0f} {ours / theirs:>6.2f}")
+
+
+def bench_prepare(args: argparse.Namespace) -> None:
+    """tools/prepare_imagenet.py on ImageNet-sized JPEGs (folder layout): images/s and bytes written."""
+    import shutil
+    import tempfile
+
+    src = _imagenet_sized(Path(args.cache) / "full", args.per_class)
+    images = sum(1 for _ in src.rglob("*.JPEG"))
+    rows = []
+    for max_size in args.max_sizes:
+        times, written = [], 0
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+                start = time.perf_counter()
+                out = _prepared(src, Path(tmp) / "out", max_size, args.workers)
+                times.append(time.perf_counter() - start)
+                written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+            shutil.rmtree(Path(tmp), ignore_errors=True)
+        rows.append((max_size, images / statistics.median(times), written / 2**20))
+        print(f"--max-size {max_size}: {rows[-1][1]:.0f} img/s, {rows[-1][2]:.1f} MiB written", flush=True)
+    src_mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 2**20
+    print(f"\n$ python tools/bench.py prepare --workers {args.workers} --repeats {args.repeats}   "
+          f"({images} ImageNet-sized JPEGs, {src_mb:.1f} MiB; medians of {args.repeats})")
+    print(f"{'--max-size':>16} {'img/s':>7} {'img/s/worker':>13} {'MiB written':>12}")
+    for max_size, ips, mib in rows:
+        print(f"{max_size:>16} {ips:>7.0f} {ips / args.workers:>13.0f} {mib:>12.1f}")
 
 
 def main() -> int:
@@ -335,9 +355,15 @@ def main() -> int:
     si.add_argument("--batch-size", type=int, default=64)
     si.add_argument("--batches", type=int, default=8)
     si.add_argument("--repeats", type=int, default=3)
+    pr = sub.add_parser("prepare", help="tools/prepare_imagenet.py throughput, with and without --max-size")
+    pr.add_argument("--max-sizes", nargs="+", default=["full", "256", "64,128,full"])
+    pr.add_argument("--per-class", type=int, default=64, help="train images per class (10 classes)")
+    pr.add_argument("--cache", default=si.get_default("cache"))
+    pr.add_argument("--workers", type=int, default=2)
+    pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model,
-     "loop": bench_loop, "small-images": bench_small_images}[args.bench](args)
+     "loop": bench_loop, "small-images": bench_small_images, "prepare": bench_prepare}[args.bench](args)
     return 0
 
 
