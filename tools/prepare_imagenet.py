@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -581,7 +582,7 @@ def _run_units(units: list[tuple[str, str, list[Item]]], out: Path, copies: list
             _finish_class(out, copies, process_class(split, wnid, items, **job))
             progress.advance(len(items))
         return
-    pool = ProcessPoolExecutor(args.workers)
+    pool = ProcessPoolExecutor(args.workers, initializer=_ignore_sigint)
     try:
         pending = {pool.submit(process_class, s, w, i, **job): len(i) for s, w, i in units}
         while pending:
@@ -611,10 +612,13 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
         if value is not None and value < 1:
             raise PrepareError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     copies = make_copies(parse_sizes(args.max_size))
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents and args.layout != "ilsvrc":
-        if out.resolve() == src.resolve():
-            raise PrepareError(f"--out {out} is the source folder")
     layout = args.layout if args.layout != "auto" else detect_layout(src)
+    inside = out.resolve()
+    for tree in (src, src / "train", src / "val", src / "ILSVRC"):
+        if inside == tree.resolve() or (tree != src and tree.resolve() in inside.parents):
+            raise PrepareError(f"--out {out} lies in the source tree {tree}; choose a folder outside it")
+    if args.link and layout == "ilsvrc":
+        log("--link: the ilsvrc layout is read from its tars, so every file is written (nothing to link)")
     options = _options(args, layout)
     state = _check_out(out, options)
     if state == "done":
@@ -703,23 +707,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as an interrupt: finished classes are kept for the rerun."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which stops the pool and keeps the finished classes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         manifest = prepare(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     except PrepareError as e:
         print(f"prepare_imagenet.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"prepare_imagenet.py: interrupted; rerun the same command to finish {args.out}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:
         print(f"prepare_imagenet.py: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     counts = manifest["counts"]
     print(f"{args.out}: {manifest['classes']} classes, {counts['train']:,} train and {counts['val']:,} val images; "
           f"{len(manifest['repaired'])} repaired, {len(manifest['excluded'])} excluded (see manifest.json)")
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
