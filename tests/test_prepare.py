@@ -239,3 +239,20 @@ def test_link_hard_links_unchanged_files_only(tmp_path, sources, spec):
         made, source = out / "train" / wnid / name, sources["folder"] / "train" / wnid / name
         assert made.samefile(source) == (name not in spec.repaired), name
     assert json.loads((out / "manifest.json").read_text())["linked"] > 0
+
+
+def test_one_max_size_resizes_the_dataset_itself_and_says_so(tmp_path, sources, spec):
+    out = tmp_path / "out"
+    assert prep.main([str(sources["folder"]), "--out", str(out), "--max-size", "40", "--quality", "85",
+                      "--workers", "1", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["copies"] == [{"max_size": 40, "path": "."}]
+    assert any("pre-resized" in d and "40 px" in d for d in manifest["departures"])
+    shorter = []
+    for split in ("train", "val"):
+        for rel in (out / f"{split}.txt").read_text().split()[::2]:
+            with Image.open(out / rel) as im:
+                shorter.append(min(im.size))
+    assert max(shorter) == 40 and manifest["resized"] == sum(s == 40 for s in shorter) > 0
+    train, _ = index_dataset(out)
+    assert train.copies == ()  # a single copy is the dataset itself
