@@ -109,6 +109,9 @@ def index_dataset(root: Path) -> tuple[Split, Split]:
         raise DatasetError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DatasetError(f"data path is not a folder: {root}")
+    if (root / ".prepare-work").is_dir() and not (root / "manifest.json").is_file():
+        raise DatasetError(f"{root} is an unfinished tools/prepare_imagenet.py output; rerun the same command to "
+                           "finish it")
     train = index_split(root, "train")
     val = index_split(root, "val", classes=train.classes)
     return train, val

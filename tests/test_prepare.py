@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import tools.prepare_imagenet as prep
-from pipelines import StageLoader, StageSpec, index_dataset
+from pipelines import DatasetError, StageLoader, StageSpec, index_dataset
 from tests.mini_imagenet import (
     MiniImageNet,
     make_mini_imagenet,
@@ -155,6 +155,8 @@ def test_rerun_after_an_interruption_finishes_the_job(tmp_path, sources, monkeyp
     assert "rerun the same command" in capsys.readouterr().err
     assert not (broken / "manifest.json").exists() and not (broken / "train.txt").exists()
     assert (broken / prep.WORK / "done").is_dir()
+    with pytest.raises(DatasetError, match="unfinished tools/prepare_imagenet.py output"):
+        index_dataset(broken)  # the trainer refuses half a dataset
     calls.clear()
     assert prep.main([str(src), "--out", str(broken), "--workers", "1", "--no-progress"]) == 0
     assert len(calls) == 3  # the three classes not finished before (6 units: 3 classes x 2 splits)

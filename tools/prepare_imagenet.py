@@ -47,7 +47,7 @@ TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar
 KAGGLE_DATA = Path("ILSVRC/Data/CLS-LOC")
 KAGGLE_VAL_LABELS, KAGGLE_SYNSETS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-WORK = ".prepare-work"  # resumable state inside DST; removed once the manifest is written
+WORK = ".prepare-work"  # resumable state inside DST; removed once the manifest is written (pipelines.folder knows it)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # JPEG codings DALI's decoders (libjpeg-turbo on the CPU, nvJPEG on the GPU) read: baseline, extended and
@@ -63,7 +63,7 @@ class UnsafeArchive(PrepareError):
     """An archive member that could write outside the output (absolute, '..', link, device): the archive is refused."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ImageNet's catalog holds 1.33M of these
 class Item:
     """One source image: its output name and where its bytes are (a file, or a slice of an uncompressed tar)."""
 
