@@ -3,7 +3,7 @@
     python tools/bench.py curriculum [--rebuilds 20] [--data DIR] [--device cpu|cuda]
         Rebuilds the train loader (cycling through the curriculum sizes 32..224) and reports host RSS growth
         after the first cycle and the mean rebuild time: a stage change must not leak pipelines or pool memory.
-    python tools/bench.py pipeline [--workers 2] [--repeats 3]
+    python tools/bench.py pipeline [--workers 2] [--repeats 3] [--device cpu|cuda]
         Our DALI train pipeline vs a torch DataLoader with torchvision's ImageFolder + RandomResizedCrop + flip +
         normalize, same images, same number of CPU workers/threads, at 32, 64, 128, 224 px: images/s and ratio.
     python tools/bench.py model [--batch-size 8] [--repeats 3]
@@ -104,17 +104,22 @@ def _median_of(repeats: int, measure) -> float:
 
 
 def bench_pipeline(args: argparse.Namespace) -> None:
+    """DALI vs a DataLoader: on the CPU both decode on the same cores; with --device cuda DALI decodes on the GPU
+    ("mixed") and the DataLoader's batches are copied to the GPU (pinned, non-blocking), as a training loop would."""
     from torchvision import datasets, transforms
 
     data = Path(args.data) if args.data else ensure_demo_dataset()
     train, _ = index_dataset(data)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
     rows = []
     for size in SIZES:
-        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers)
+        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers,
+                         device="gpu" if gpu else "cpu", device_id=0 if gpu else None, half=gpu)
 
         def dali(spec: StageSpec = spec) -> float:
-            loader = StageLoader(train, spec, train=True, device=CPU)
-            ips = time_batches(loader, args.batches, 2, CPU)
+            loader = StageLoader(train, spec, train=True, device=device)
+            ips = time_batches(loader, args.batches, 2, device)
             loader.close()
             return ips
 
@@ -126,16 +131,21 @@ def bench_pipeline(args: argparse.Namespace) -> None:
         ])
         folder = datasets.ImageFolder(str(data / "train"), transform=tf)
 
+        def to_device(images: torch.Tensor, labels: torch.Tensor) -> None:
+            images.to(device, non_blocking=True)
+            labels.to(device, non_blocking=True)
+
         def torchvision_loader(folder: datasets.ImageFolder = folder) -> float:
             loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True,
-                                                 num_workers=args.workers, drop_last=True, persistent_workers=False)
-            return time_batches(loader, args.batches, 2, CPU)
+                                                 num_workers=args.workers, drop_last=True, persistent_workers=False,
+                                                 pin_memory=gpu)
+            return time_batches(loader, args.batches, 2, device, work=to_device if gpu else None)
 
         ours, theirs = _median_of(args.repeats, dali), _median_of(args.repeats, torchvision_loader)
         rows.append((size, ours, theirs))
         print(f"{size} px: DALI {ours:.0f} img/s, DataLoader {theirs:.0f} img/s", flush=True)
-    _ratio_table(f"python tools/bench.py pipeline --workers {args.workers} --batch-size {args.batch_size} "
-                 f"--batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})",
+    _ratio_table(f"python tools/bench.py pipeline --device {args.device} --workers {args.workers} --batch-size "
+                 f"{args.batch_size} --batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})",
                  ("DALI img/s", "DataLoader img/s"), rows)
 
 
@@ -333,6 +343,7 @@ def main() -> int:
     q.add_argument("--batches", type=int, default=15)
     q.add_argument("--repeats", type=int, default=3)
     q.add_argument("--data", default=None)
+    q.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: DALI decodes on the GPU")
     m = sub.add_parser("model", help="locality ViT-S vs DeiT-S training step")
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--repeats", type=int, default=3)
