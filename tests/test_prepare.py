@@ -264,3 +264,16 @@ def test_one_max_size_resizes_the_dataset_itself_and_says_so(tmp_path, sources, 
     assert max(shorter) == 40 and manifest["resized"] == larger > 0
     train, _ = index_dataset(out)
     assert train.copies == ()  # a single copy is the dataset itself
+
+
+def test_baseline_and_progressive_jpegs_are_kept_as_they_are():
+    pixels = np.random.default_rng(0).integers(0, 255, size=(24, 32, 3), dtype=np.uint8)
+    for progressive, marker in ((False, 0xC0), (True, 0xC2)):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90, progressive=progressive)
+        data = buf.getvalue()
+        assert prep._jpeg_coding(data) == (marker, 8)
+        image, repair, exclude = prep.inspect_image(data)
+        assert image.size == (32, 24) and repair is None and exclude is None
+    assert prep._jpeg_coding(b"\xff\xd8\xff\xd9") is None  # no frame header: re-encoded, not trusted
+    assert prep.inspect_image(b"")[2] == "empty file"
