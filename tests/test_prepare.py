@@ -277,3 +277,12 @@ def test_baseline_and_progressive_jpegs_are_kept_as_they_are():
         assert image.size == (32, 24) and repair is None and exclude is None
     assert prep._jpeg_coding(b"\xff\xd8\xff\xd9") is None  # no frame header: re-encoded, not trusted
     assert prep.inspect_image(b"")[2] == "empty file"
+
+
+def test_output_names_never_collide_within_a_class():
+    used: set[str] = set()
+    names = []
+    for name, reencoded in (("x.png", True), ("x.JPEG", False), ("x.jpeg", False), ("noext", True), ("x.JPEG", False)):
+        names.append(prep._output_name(name, reencoded, used))
+        used.add(names[-1])
+    assert names == ["x.JPEG", "x_1.JPEG", "x.jpeg", "noext.JPEG", "x_2.JPEG"]

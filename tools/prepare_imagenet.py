@@ -377,12 +377,18 @@ class Copy:
 
 
 def _output_name(name: str, reencoded: bool, used: set[str]) -> str:
+    """The file's name in the output: a re-encoded non-JPEG name gets .JPEG; a name already taken in the class
+    (two sources with one basename, or x.png renamed onto an x.JPEG) gets a numbered suffix."""
     stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
     if reencoded and ext.lower() not in ("jpeg", "jpg"):
-        name = f"{stem if dot else name}.JPEG"
-        if name in used:
-            name = f"{stem if dot else name}.{ext}.JPEG"
-    return name
+        ext = "JPEG"
+    candidate, n = f"{stem}.{ext}" if ext else stem, 1
+    while candidate in used:
+        candidate = f"{stem}_{n}.{ext}" if ext else f"{stem}_{n}"
+        n += 1
+    return candidate
 
 
 def process_class(split: str, wnid: str, items: list[Item], out: str, copies: list[Copy], quality: int,
@@ -415,7 +421,8 @@ def process_class(split: str, wnid: str, items: list[Item], out: str, copies: li
             target = folder / name
             small = copy.max_size is not None and min(image.size) > copy.max_size
             if small:
-                pixels = pixels or _as_rgb_or_gray(image)
+                if pixels is None:
+                    pixels = _as_rgb_or_gray(image)
                 _shrunk(pixels, copy.max_size).save(target, "JPEG", quality=quality)
                 resized += 1
             elif repair:
