@@ -46,6 +46,13 @@ class StageSpec:
         if self.device == "cpu" and self.device_id is not None:
             raise ValueError("a cpu StageSpec takes device_id=None (DALI then needs no CUDA)")
 
+    @classmethod
+    def on(cls, device, **fields) -> StageSpec:
+        """A spec for a ``torch.device``: on CUDA, GPU decode ("mixed") on that card with float16 output; else CPU."""
+        gpu = device.type == "cuda"
+        return cls(device="gpu" if gpu else "cpu", device_id=(device.index or 0) if gpu else None, half=gpu,
+                   **fields)
+
     @property
     def threads(self) -> int:
         return self.num_threads or os.cpu_count() or 1

@@ -54,8 +54,7 @@ def bench_curriculum(args: argparse.Namespace) -> None:
     gpu = args.device == "cuda"
     device = torch.device(args.device)
     sizes = [32, 64, 96, 128, 160, 192, 224]
-    spec = StageSpec(image_size=sizes[0], batch_size=args.batch_size, device="gpu" if gpu else "cpu",
-                     device_id=0 if gpu else None, num_threads=args.workers, half=gpu)
+    spec = StageSpec.on(device, image_size=sizes[0], batch_size=args.batch_size, num_threads=args.workers)
     loader = StageLoader(train, spec, train=True, device=device)
     next(iter(loader))  # first build: libraries and pools warm up, excluded from the growth figure
     gc.collect()
@@ -65,7 +64,7 @@ def bench_curriculum(args: argparse.Namespace) -> None:
     for i in range(args.rebuilds):
         size = sizes[(i + 1) % len(sizes)]
         start = time.perf_counter()
-        loader.set_stage(StageSpec(**{**spec.__dict__, "image_size": size}))
+        loader.set_stage(dataclasses.replace(spec, image_size=size))
         times.append(time.perf_counter() - start)
         for n, _ in enumerate(loader):  # one short "epoch" at this stage
             if n + 1 >= args.batches:
@@ -114,8 +113,7 @@ def bench_pipeline(args: argparse.Namespace) -> None:
     gpu = device.type == "cuda"
     rows = []
     for size in SIZES:
-        spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers,
-                         device="gpu" if gpu else "cpu", device_id=0 if gpu else None, half=gpu)
+        spec = StageSpec.on(device, image_size=size, batch_size=args.batch_size, num_threads=args.workers)
 
         def dali(spec: StageSpec = spec) -> float:
             loader = StageLoader(train, spec, train=True, device=device)
@@ -233,8 +231,7 @@ def bench_loop(args: argparse.Namespace) -> None:
             raise SystemExit(f"bench loop: fewer than two metrics intervals in {args.seconds}s; raise --seconds")
         loops.append(statistics.median(rates))
         step = TrainStep(cfg, 1000, device)
-        spec = StageSpec(image_size=args.size, batch_size=args.batch_size, device="gpu" if device.type == "cuda"
-                         else "cpu", device_id=0 if device.type == "cuda" else None, half=device.type == "cuda")
+        spec = StageSpec.on(device, image_size=args.size, batch_size=args.batch_size)
         batches = SyntheticLoader(1000, spec, steps_per_epoch=args.steps + 3, device=device)
         bares.append(time_batches(batches, args.steps, 3, device, work=step))
     loop, bare = statistics.median(loops), statistics.median(bares)
@@ -277,16 +274,18 @@ def bench_small_images(args: argparse.Namespace) -> None:
         spec = StageSpec(image_size=size, batch_size=args.batch_size, num_threads=args.workers,
                          source_ratio=args.source_ratio)
 
-        def rate(split, spec: StageSpec = spec) -> float:
-            loader = StageLoader(split, spec, train=True, device=CPU)
+        read = []
+
+        def rate(split, spec: StageSpec = spec, read: list = read) -> float:
+            loader = StageLoader(split, spec, train=True, device=CPU)  # the trainer's rule picks the copy
             ips = time_batches(loader, args.batches, 2, CPU)
+            read.append(loader.source_px)
             loader.close()
             return ips
 
-        copy = train.for_stage(size, args.source_ratio)  # the trainer's rule picks the copy
-        short = next((px for px, folder in train.copies if folder == copy.root), None)
         theirs = _median_of(args.repeats, lambda: rate(full_only))
-        ours = _median_of(args.repeats, lambda copy=copy: rate(copy))
+        ours = _median_of(args.repeats, lambda: rate(train))
+        short = read[-1]
         rows.append((size, short, ours, theirs))
         print(f"{size} px: {short}-px copy {ours:.0f} img/s, full-size {theirs:.0f} img/s", flush=True)
     copies = ", ".join(f"{px} px {_mean_bytes(train.for_stage(1, px)) / 1e3:.1f} KB" for px, _ in train.copies)
@@ -301,7 +300,6 @@ def bench_small_images(args: argparse.Namespace) -> None:
 
 def bench_prepare(args: argparse.Namespace) -> None:
     """tools/prepare_imagenet.py on ImageNet-sized JPEGs (folder layout): images/s and bytes written."""
-    import shutil
     import tempfile
 
     src = _imagenet_sized(Path(args.cache) / "full", args.per_class)
@@ -315,7 +313,6 @@ def bench_prepare(args: argparse.Namespace) -> None:
                 out = _prepared(src, Path(tmp) / "out", max_size, args.workers)
                 times.append(time.perf_counter() - start)
                 written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-            shutil.rmtree(Path(tmp), ignore_errors=True)
         rows.append((max_size, images / statistics.median(times), written / 2**20))
         print(f"--max-size {max_size}: {rows[-1][1]:.0f} img/s, {rows[-1][2]:.1f} MiB written", flush=True)
     src_mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 2**20

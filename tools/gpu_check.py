@@ -113,8 +113,7 @@ def main() -> int:
         print(f"val pipeline, GPU vs CPU decode, mean |diff| = {report['gpu_vs_cpu_decode_mean_abs']:.4f}", flush=True)
 
     for size in sizes:
-        spec = StageSpec(image_size=size, batch_size=args.batch_size, device="gpu" if gpu else "cpu",
-                         device_id=0 if gpu else None, half=gpu)
+        spec = StageSpec.on(device, image_size=size, batch_size=args.batch_size)
         row = {"pipeline_ips": time_pipeline(train, spec, device, steps),
                "pipeline_ra_ips": time_pipeline(train, replace(spec, rand_augment=(2, 27)), device, steps)}
         row["model_ips"], row["model_peak_gib"] = time_model(args.model, size, args.batch_size, device, amp, steps)

@@ -66,10 +66,8 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
                seed: int | None = None, train: bool = True) -> StageSpec:
-    gpu = device.type == "cuda"
-    return StageSpec(image_size=image_size, batch_size=batch_size, device="gpu" if gpu else "cpu",
-                     device_id=(device.index or 0) if gpu else None, num_threads=cfg.workers,
-                     seed=cfg.seed if seed is None else seed, half=gpu,
+    return StageSpec.on(device, image_size=image_size, batch_size=batch_size, num_threads=cfg.workers,
+                        seed=cfg.seed if seed is None else seed,
                      interp="cubic" if cfg.interp == "bicubic" else "linear",
                      rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
                      source_ratio=cfg.source_ratio)
