@@ -1,4 +1,5 @@
-"""The wall-clock budget: a monotonic clock (injectable for tests) and the decision to start one more step."""
+"""The wall-clock budget: a monotonic clock (injectable for tests), and the one decision to start one more step or
+stage (``StopGate``)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,93 @@ def end_reserve(last_eval_s: float | None, estimated_eval_s: float, checkpoint_s
     checkpoint write, with a safety factor, plus a margin for the summary and closing the pipelines."""
     eval_s = last_eval_s if last_eval_s is not None else estimated_eval_s
     return (eval_s + checkpoint_s) * safety + margin_s
+
+
+class StopGate:
+    """The one stop decision of a run: is there time for the next step, or for entering the next stage, and after
+    it for the reserved end (final evaluation, final checkpoint and weights)?
+
+    It owns what that decision needs: the moving average of a step's wall time at the current stage, the measured
+    cost of entering a stage (loader rebuild, checkpoint, warm-up steps and the capture or compile), and the
+    measured (or, before any, estimated) cost of an evaluation. A multi-process run makes ``should_continue``
+    collective; nothing else needs to change.
+    """
+
+    SMOOTHING = 0.1  # weight of the newest step in the moving average
+    ENTRY_SAFETY = 1.5  # a stage entry is estimated from the previous one, scaled by tokens: keep a wide margin
+
+    def __init__(self, budget: Budget, charge_eval: bool = True) -> None:
+        self.budget = budget
+        self.charge_eval = charge_eval  # False: evaluations are not charged (--budget-counts train), not reserved
+        self.step_s: float | None = None  # expected wall time of the next step at this stage
+        self.eval_s: float | None = None  # the last evaluation's measured time
+        self.eval_estimate_s = 0.0  # before any evaluation: from a probe of the val pipeline and model
+        self.checkpoint_s = 0.0  # the last checkpoint's measured write time
+        self.entry_s: float | None = None  # the last stage entry's measured cost
+        self.entry_tokens = 0
+        self._entry_start: float | None = None
+        self._steady = False
+        self._update_reserve()
+
+    def _update_reserve(self) -> None:
+        eval_s = (self.eval_s if self.eval_s is not None else self.eval_estimate_s) if self.charge_eval else 0.0
+        # the final checkpoint, and the final weights (model.safetensors, smaller than a checkpoint) after it
+        self.budget.reserve_s = end_reserve(eval_s, 0.0, 2 * self.checkpoint_s)
+
+    @property
+    def reserve_s(self) -> float:
+        return self.budget.reserve_s
+
+    def record_eval(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self._update_reserve()
+
+    def estimate_eval(self, seconds: float) -> None:
+        self.eval_estimate_s = seconds
+        self._update_reserve()
+
+    def record_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_s = seconds
+        self._update_reserve()
+
+    def entry_estimate(self, tokens: int) -> float | None:
+        """Seconds to enter a stage of ``tokens`` patches per image, from the last entry; None before any."""
+        if self.entry_s is None:
+            return None
+        return self.ENTRY_SAFETY * self.entry_s * max(1.0, tokens / max(1, self.entry_tokens))
+
+    def can_enter_stage(self, tokens: int) -> bool:
+        """Is there time to enter a stage (rebuild, warm up, capture) and still end in time? The first stage
+        always is: nothing has been measured yet, and a run must train."""
+        estimate = self.entry_estimate(tokens)
+        return estimate is None or self.budget.can_start(estimate)
+
+    def begin_stage(self, tokens: int) -> None:
+        self._entry_start = self.budget.elapsed
+        self.entry_tokens = tokens
+        self.step_s, self._steady = None, False
+
+    def record_step(self, seconds: float, settling: bool) -> None:
+        """A step took ``seconds`` of wall time (data wait included). While the step is ``settling`` (warm-up,
+        capture, compile) its time says how long the stage entry takes, not what a step costs; the last such step
+        is still the estimate for the next (an upper bound), so a stage's first steps count in the decision."""
+        if settling:
+            self.step_s = seconds
+            return
+        if not self._steady:
+            self._steady = True
+            if self._entry_start is not None:
+                self.entry_s = self.budget.elapsed - seconds - self._entry_start
+            self.step_s = seconds
+        else:
+            assert self.step_s is not None
+            self.step_s = (1 - self.SMOOTHING) * self.step_s + self.SMOOTHING * seconds
+
+    def should_continue(self) -> bool:
+        """Time for one more step at this stage's pace, and the reserved end after it?"""
+        return self.budget.can_start(self.step_s or 0.0)
+
+    def can_evaluate(self) -> bool:
+        """Time for a periodic evaluation, then at least one more step, and the reserved end?"""
+        eval_s = self.eval_s if self.eval_s is not None else self.eval_estimate_s
+        return self.budget.can_start((eval_s if self.charge_eval else 0.0) + (self.step_s or 0.0))

@@ -79,7 +79,7 @@ class TrainConfig:
     budget_s: float = 24 * 3600.0
     device: str = "auto"
     amp: str = "auto"
-    compile: bool = False
+    step: str = "auto"  # how the training step runs: auto | eager | graph | compile (trainer/step.py)
     workers: int = 0
     seed: int = 0
     eval_every: int = 1
@@ -135,7 +135,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": FULL_DEFAULTS["image_size"], "curriculum": PAPER_CURRICULUM, "no_curriculum": False,
     "eval_size": None, "batch_size": 64, "stage_batch": "fixed", "max_batch": 1024, "lr": 1e-3,
     "lr_schedule": "cosine-time", "min_lr": 1e-5, "warmup": "0", "epochs": None, "weight_decay": 0.05,
-    "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "compile": False, "workers": 0,
+    "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "step": "auto", "workers": 0,
     "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
     "source_ratio": 2.0,
     "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     add("--amp", choices=("auto", "bf16", "fp16", "off"),
         help="autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off")
-    add("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    add("--step", choices=("auto", "eager", "graph", "compile"),
+        help="how each training step runs: graph captures the whole step in one CUDA graph per stage (bf16 or "
+             "fp32 on CUDA), compile uses torch.compile, eager runs it op by op (auto: graph on CUDA unless "
+             "--amp fp16, else eager)")
+    add("--compile", dest="step", action="store_const", const="compile", help="same as --step compile")
     add("--workers", type=int, help="DALI CPU threads (default 0: one per core)")
     add("--seed", type=int, help="default 0")
     add("--eval-every", type=int, help="evaluate every K epochs (0: only at the end; default 1)")
@@ -222,6 +226,8 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     except (OSError, ValueError):
         raise ConfigError(f"{run_dir} is not a vit-train run directory (no readable config.json)") from None
     names = {f.name for f in fields(TrainConfig)}
+    if saved.get("compile") and "step" not in saved:  # written before --step existed
+        saved["step"] = "compile"
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     cfg.out = str(run_dir)
     return cfg
@@ -267,7 +273,7 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         weight_decay=r["weight_decay"], label_smoothing=r["label_smoothing"], drop_path=r["drop_path"],
         lr_schedule=r["lr_schedule"], min_lr=r["min_lr"], epochs=r["epochs"],
         warmup_s=0.0 if str(r["warmup"]).strip() in ("0", "none") else _parse_duration("--warmup", str(r["warmup"])),
-        budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], compile=r["compile"],
+        budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], step=r["step"],
         workers=r["workers"], seed=r["seed"], eval_every=r["eval_every"], log_every_s=r["log_every"],
         ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
         min_area=r["min_area"], source_ratio=r["source_ratio"], randaug=r["randaug"], randaug_n=r["randaug_n"],

@@ -1,24 +1,20 @@
-"""The training loop, top to bottom: build -> per epoch (stage change -> steps until the budget says stop -> eval)
--> final evaluation at the final size."""
+"""The training loop: a ``Trainer`` whose ``run`` reads top to bottom — per epoch, enter the stage the plan asks
+for, step until the epoch ends or the ``StopGate`` says stop, evaluate — then the final evaluation and files."""
 
 from __future__ import annotations
 
-import time
+import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
-from torch import nn
 
-from model import build_model, set_grid
+from model import set_grid
 from model.flops import forward_flops
 from pipelines import Split, StageLoader, StageSpec
-from trainer.augment import BatchAugment
-from trainer.budget import Budget, end_reserve
+from trainer.budget import Budget, StopGate
 from trainer.checkpoint import rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
@@ -28,8 +24,18 @@ from trainer.readout import Readout
 from trainer.resize import resize_for_stage
 from trainer.rundir import RunDir, save_safetensors_atomic
 from trainer.schedule import lr_factor
+from trainer.step import (  # noqa: F401  (resolve_*, weight_decay_groups: re-exported for older imports)
+    TrainStep,
+    load_optimizer_state,
+    optimizer_state_dict,
+    resolve_amp,
+    resolve_device,
+    resolve_step_mode,
+    weight_decay_groups,
+)
 
 EVAL_BATCH = 128
+PROBE_BATCHES = 3  # val batches timed at the start, to reserve the final evaluation before any was measured
 
 
 @dataclass
@@ -47,30 +53,13 @@ class TrainState:
     lr: float = 0.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the card has it, else fp16 (with a grad scaler); none on the CPU."""
-    if device.type != "cuda" or name == "off":
-        return None
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
                seed: int | None = None, train: bool = True) -> StageSpec:
     return StageSpec.on(device, image_size=image_size, batch_size=batch_size, num_threads=cfg.workers,
                         seed=cfg.seed if seed is None else seed,
-                     interp="cubic" if cfg.interp == "bicubic" else "linear",
-                     rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
-                     source_ratio=cfg.source_ratio)
+                        interp="cubic" if cfg.interp == "bicubic" else "linear",
+                        rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
+                        source_ratio=cfg.source_ratio)
 
 
 def randaug_bins(cfg: TrainConfig) -> tuple[int, int] | None:
@@ -84,12 +73,6 @@ def device_memory(device: torch.device) -> dict[str, float]:
         return {}
     return {"mem_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3),
             "mem_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
-
-
-def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D parameters (norms, biases) nor the model's ``no_weight_decay()`` names
-    (position embedding, class token)."""
-    return param_groups_weight_decay(net, weight_decay, no_weight_decay_list=net.no_weight_decay())
 
 
 def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> list[str]:
@@ -121,254 +104,329 @@ class StopFlag:
     reason: str | None = None
 
 
+class Trainer:
+    """One run: the model's ``TrainStep``, the loaders, the ``StopGate``, and the state a checkpoint holds.
+
+    ``loader`` builds the train and val loaders (``StageLoader``; tests and benchmarks pass a synthetic one with the
+    same interface). Every time it reads comes from the budget's clock, so a test's fake clock drives it all.
+    """
+
+    def __init__(self, cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
+                 budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
+                 loader: Callable[..., StageLoader] = StageLoader) -> None:
+        self.cfg, self.run_dir, self.readout, self.budget = cfg, run, readout, budget
+        self.train_split, self.val_split = train_split, val_split
+        self.stop = stop or StopFlag()
+        self.clock = budget.clock
+        self.device = resolve_device(cfg.device)
+        self.amp = resolve_amp(cfg.amp, self.device)
+        self.mode, self.mode_note = resolve_step_mode(cfg.step, self.device, self.amp)
+        self.plan = cfg.plan()
+        self.state = TrainState(**resume["state"]) if resume else TrainState()
+        if resume:
+            self.state.attempt += 1
+        torch.manual_seed(cfg.seed + self.state.attempt)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
+
+        s = self.state
+        self.step = TrainStep.for_config(cfg, len(train_split.classes), self.device,
+                                         image_size=s.image_size or self.plan.start, mode=self.mode)
+        self.net = self.step.net
+        self.last_eval_s: float | None = resume.get("last_eval_s") if resume else None
+        if resume:
+            self.load_state_dict(resume)
+        self.step.steps = s.step
+        # with --ema, the averaged weights are what is evaluated and kept
+        self.evaluated = self.step.ema.module if self.step.ema is not None else self.net
+        self.evaluate_model = evaluate  # the measured evaluation; tests swap in one that ticks a fake clock
+
+        self.gate = StopGate(budget, charge_eval=cfg.budget_counts == "all")
+        if self.last_eval_s is not None:
+            self.gate.record_eval(self.last_eval_s)
+        self.train_batches = loader(train_split, self.spec(s.image_size or self.plan.start,
+                                                           s.batch_size or cfg.batch_size), train=True,
+                                    device=self.device)
+        self.val_batches = loader(val_split, self.spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False,
+                                  device=self.device)
+        self.params = sum(p.numel() for p in self.net.parameters())
+        self.peak = peak_flops(self.device)
+        self.train_flops = 3.0 * forward_flops(self.net, s.image_size) if s.image_size else 0.0
+        self.loss: torch.Tensor | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.stages_closed = False  # a stage could not be entered in time: the run stays at its current size
+        self.wait_s = 0.0  # time the loop waited on the loader since the last metrics line
+        self.last_log_t, self.last_log_images = budget.elapsed, s.images_seen
+        self.last_ckpt_t = budget.elapsed
+        self._t_prev = budget.elapsed
+        if resume:  # a resumed run enters no stage: its first steps settle the step all the same
+            self.gate.begin_stage(self.tokens(s.image_size))
+
+    # -- the run, top to bottom ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.announce()
+        self.probe_evaluation()
+        while True:
+            if self.stage_due():
+                self.enter_stage()
+            if not self.run_epoch():
+                break  # out of time mid-epoch
+            self.end_epoch()
+            if not self.gate.should_continue():
+                break
+        return self.finish()
+
+    def stage_due(self) -> bool:
+        return not self.stages_closed and self.plan.stage_at(self.state.epoch) != self.state.stage
+
+    def enter_stage(self) -> bool:
+        """Stage change at an epoch boundary: new size and batch, position embedding and optimizer state resized,
+        the loader rebuilt (the old pipeline freed), the step re-prepared (a captured graph is recaptured), a
+        checkpoint. A stage whose entry cannot fit in what is left is not entered: the run goes on at its size."""
+        s, cfg = self.state, self.cfg
+        size = self.plan.size_at(s.epoch)
+        if s.stage >= 0 and not self.gate.can_enter_stage(self.tokens(size)):
+            self.stages_closed = True
+            estimate = self.gate.entry_estimate(self.tokens(size)) or 0.0
+            self.run_dir.log("stage_skipped", stage=self.plan.stage_at(s.epoch), image_size=size,
+                             entry_estimate_s=round(estimate, 3), remaining_s=round(self.budget.remaining, 3),
+                             elapsed_s=round(self.budget.elapsed, 3))
+            self.readout.message(f"stage {self.plan.stage_at(s.epoch)} ({size} px) not entered: entering it takes "
+                                 f"~{estimate:.1f}s and {self.budget.remaining:.1f}s are left; training on at "
+                                 f"{s.image_size} px")
+            return False
+        start = self.clock()
+        self.gate.begin_stage(self.tokens(size))
+        s.stage, s.image_size = self.plan.stage_at(s.epoch), size
+        s.batch_size = stage_batch_size(cfg.batch_size, size, self.plan.final, cfg.stage_batch,
+                                        min(cfg.max_batch, len(self.train_split)))
+        s.peak_lr = stage_lr(cfg.peak_lr, s.batch_size, cfg.batch_size)  # the schedule scales it step by step
+        self.step.prepare()  # before the resize: a captured graph still points at the old Parameter
+        resize_for_stage(self.net, self.step.optimizer, size)
+        if self.step.ema is not None:
+            set_grid(self.step.ema.module, size)
+        self.train_batches.set_stage(self.spec(size, s.batch_size))
+        rebuild_s = self.clock() - start
+        self.train_flops = 3.0 * forward_flops(self.net, size)
+        fields = dict(stage=s.stage, epoch=s.epoch, image_size=size, batch_size=s.batch_size, peak_lr=s.peak_lr,
+                      steps_per_epoch=len(self.train_batches), rebuild_s=round(rebuild_s, 4), step_mode=self.mode,
+                      source_px=getattr(self.train_batches, "source_px", None),
+                      elapsed_s=round(self.budget.elapsed, 3))
+        self.run_dir.log("stage", **fields)
+        self.readout.update(**fields)
+        if self.readout.live:
+            source = f", reading the {fields['source_px']}-px copy" if fields["source_px"] else ""
+            self.readout.message(f"stage {s.stage}: {size} px, batch {s.batch_size}{source}, "
+                                 f"rebuilt in {rebuild_s:.2f}s")
+        self.last_ckpt_t = self.budget.elapsed
+        self.checkpoint()
+        return True
+
+    def run_epoch(self) -> bool:
+        """Steps until the epoch ends (True) or the gate says there is no time for another (False)."""
+        s = self.state
+        steps = len(self.train_batches)
+        self._t_prev = self.budget.elapsed
+        fetch_start = self.clock()
+        for images, labels in self.train_batches:
+            self.wait_s += self.clock() - fetch_start
+            if self.stop.reason:
+                raise StopRequested(self.stop.reason, self.checkpoint())
+            if not self.gate.should_continue():
+                s.epoch_progress = s.epoch_step / steps
+                return False
+            self.train_step(images, labels)
+            self.maybe_log()
+            self.maybe_checkpoint()
+            if s.epoch_step >= steps:  # a resumed epoch ends after its remaining steps
+                break
+            fetch_start = self.clock()
+        s.epoch += 1
+        s.epoch_step = 0
+        s.epoch_progress = 0.0
+        return True
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        s, cfg = self.state, self.cfg
+        factor = lr_factor(cfg.lr_schedule, self.budget.fraction,
+                           epoch=s.epoch + s.epoch_step / len(self.train_batches), epochs=cfg.epochs,
+                           warmup_fraction=cfg.warmup_s / cfg.budget_s, min_ratio=cfg.min_lr / cfg.lr)
+        s.lr = s.peak_lr * factor
+        settling = self.step.settling
+        self.loss = self.step(images, labels, lr=s.lr)
+        if settling and not self.step.settling:
+            self.step.synchronize()  # once per stage: the entry's cost is measured to its end, not to its launch
+        s.step += 1
+        s.epoch_step += 1
+        s.images_seen += labels.shape[0]
+        now = self.budget.elapsed
+        self.gate.record_step(now - self._t_prev, settling=settling)
+        self._t_prev = now
+        if settling and not self.step.settling:
+            self.run_dir.log("stage_ready", stage=s.stage, image_size=s.image_size, step_mode=self.mode,
+                             entry_s=round(self.gate.entry_s or 0.0, 3), settle_steps=self.step.times.steps,
+                             capture_s=round(self.step.times.capture_s, 4), elapsed_s=round(now, 3))
+
+    def end_epoch(self) -> None:
+        self.last_eval = None
+        if self.cfg.eval_every and self.state.epoch % self.cfg.eval_every == 0 and self.gate.can_evaluate():
+            self.evaluate()
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation (unless the last epoch's is current), the final checkpoint and weights."""
+        s = self.state
+        train_s = self.budget.elapsed
+        if self.last_eval is None or s.epoch_progress > 0:
+            self.evaluate()
+        assert self.last_eval is not None
+        self.train_batches.close()
+        self.val_batches.close()
+        final_checkpoint = self.checkpoint()
+        save_safetensors_atomic(self.evaluated.state_dict(), self.run_dir.path / "model.safetensors")
+        return {
+            "top1": self.last_eval["top1"], "top5": self.last_eval["top5"],
+            "epochs": round(s.epoch + s.epoch_progress, 4), "steps": s.step,
+            "images_seen": s.images_seen, "elapsed_s": round(self.budget.elapsed, 3), "train_s": round(train_s, 3),
+            "budget_s": self.cfg.budget_s, "overshoot_s": round(self.budget.elapsed - self.cfg.budget_s, 3),
+            "stop_reason": "budget", "model": self.cfg.model, "image_size": s.image_size,
+            "eval_size": self.cfg.final_eval_size, "stages_reached": s.stage + 1,
+            "stages_skipped": self.stages_closed, "params": self.params, "step_mode": self.mode,
+            "attempts": s.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(self.run_dir.path)),
+            "device": str(self.device), "state": asdict(s),
+        }
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    def spec(self, size: int, batch: int, train: bool = True) -> StageSpec:  # a new shuffle order per attempt
+        return stage_spec(self.cfg, self.device, size, batch, seed=self.cfg.seed + self.state.attempt, train=train)
+
+    def tokens(self, size: int) -> int:
+        return (size // self.plan.patch) ** 2
+
+    def announce(self) -> None:
+        cfg, s = self.cfg, self.state
+        self.run_dir.log("start", model=cfg.model, params=self.params, device=str(self.device), amp=str(self.amp),
+                         step_mode=self.mode, attempt=s.attempt, train_images=len(self.train_split),
+                         val_images=len(self.val_split), stages=[asdict(st) for st in self.plan.stages()],
+                         eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
+        if self.mode_note:
+            self.readout.message(self.mode_note)
+        self.readout.message(f"{cfg.model} ({self.params / 1e6:.1f}M params) on {self.device}, amp {self.amp}, "
+                             f"step {self.mode}, peak lr {cfg.peak_lr:.3g}, {len(self.train_split)} train / "
+                             f"{len(self.val_split)} val images, {len(self.train_split.classes)} classes, "
+                             f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
+        if not s.attempt:
+            for line in plan_lines(self.plan, cfg, len(self.train_split)):
+                self.readout.message(line)
+
+    def probe_evaluation(self) -> None:
+        """Before any evaluation is measured, the end must still be reserved: time the val pipeline's build and
+        its first batches (decode, the model at the eval size, autotuning), extrapolate to the whole split, and
+        start the real evaluations from a fresh pipeline. Skipped when evaluations are not charged."""
+        if not self.gate.charge_eval or self.gate.eval_s is not None:
+            return
+        batches = len(self.val_batches)
+        start = self.clock()
+        first = self.evaluate_model(self.evaluated, itertools.islice(self.val_batches, 1), self.amp)
+        first_s = self.clock() - start
+        rest_s, rest = 0.0, min(PROBE_BATCHES - 1, batches - 1)
+        if rest > 0:
+            t = self.clock()
+            self.evaluate_model(self.evaluated, itertools.islice(self.val_batches, rest), self.amp)
+            rest_s = self.clock() - t
+        self.val_batches.close()  # a partial epoch: the first real evaluation starts a new one
+        per_batch = rest_s / rest if rest > 0 else first_s
+        # the build and first batch once more: the real first evaluation rebuilds, and a partial last batch is a
+        # new shape to autotune
+        estimate = 2 * first_s + max(0, batches - 1) * per_batch
+        self.gate.estimate_eval(estimate)
+        self.run_dir.log("eval_probe", batches=1 + rest, first_batch_s=round(first_s, 4),
+                         per_batch_s=round(per_batch, 4), estimate_s=round(estimate, 3), images=first["images"],
+                         elapsed_s=round(self.budget.elapsed, 3))
+
+    def evaluate(self) -> dict[str, float]:
+        s = self.state
+        start = self.clock()
+        with self.budget.uncharged(self.cfg.budget_counts == "train"):
+            result = self.evaluate_model(self.evaluated, self.val_batches, self.amp)
+        eval_s = self.clock() - start
+        self.last_eval, self.last_eval_s = result, eval_s
+        if self.gate.charge_eval:
+            self.gate.record_eval(eval_s)
+        fields = dict(step=s.step, epoch=round(s.epoch + s.epoch_progress, 4), stage=s.stage,
+                      image_size=self.cfg.final_eval_size, top1=round(result["top1"], 5),
+                      top5=round(result["top5"], 5), eval_s=round(eval_s, 3), elapsed_s=round(self.budget.elapsed, 3))
+        self.run_dir.log("eval", **fields)
+        self.readout.update(**{k: v for k, v in fields.items() if k != "image_size"})
+        if self.readout.live:  # plain mode already printed the line
+            self.readout.message(f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  "
+                                 f"top5 {100 * result['top5']:.2f}%")
+        return result
+
+    def maybe_log(self) -> None:
+        s = self.state
+        now = self.budget.elapsed
+        interval = now - self.last_log_t
+        if interval < self.cfg.log_every_s:
+            return
+        assert self.loss is not None
+        loss_value = self.loss.item()  # the one host sync per log interval
+        if self.step.diverged():
+            raise Diverged(f"the loss became non-finite by step {s.step}")
+        ips = (s.images_seen - self.last_log_images) / interval
+        tflops = ips * self.train_flops / 1e12
+        mfu = float(f"{tflops * 1e12 / self.peak:.4g}") if self.peak else None
+        fields = dict(step=s.step, epoch=s.epoch, stage=s.stage, image_size=s.image_size, batch_size=s.batch_size,
+                      images_per_sec=round(ips, 2), loss=round(loss_value, 5), lr=s.lr, images_seen=s.images_seen,
+                      interval_s=round(interval, 3), data_wait=round(min(1.0, self.wait_s / interval), 4),
+                      tflops=float(f"{tflops:.4g}"), mfu=mfu,
+                      elapsed_s=round(now, 3),
+                      # at this stage's pace (later stages are slower: an upper bound)
+                      projected_epochs=round((s.images_seen + ips * self.budget.remaining) / len(self.train_split), 2),
+                      **device_memory(self.device))
+        self.run_dir.log("train", **fields)
+        self.readout.update(**fields)
+        self.last_log_t, self.last_log_images, self.wait_s = now, s.images_seen, 0.0
+
+    def maybe_checkpoint(self) -> None:
+        if self.budget.elapsed - self.last_ckpt_t >= self.cfg.ckpt_every_s:
+            self.checkpoint()
+            self.last_ckpt_t = self.budget.elapsed
+
+    def checkpoint(self) -> Path:
+        start = self.clock()
+        if self.step.diverged():
+            raise Diverged(f"the loss became non-finite by step {self.state.step}")
+        path = save_checkpoint(self.run_dir.path / "checkpoints", self.state.step, self.state_dict())
+        write_s = self.clock() - start
+        self.gate.record_checkpoint(write_s)
+        self.run_dir.log("checkpoint", step=self.state.step, path=str(path.relative_to(self.run_dir.path)),
+                         write_s=round(write_s, 3), elapsed_s=round(self.budget.elapsed, 3))
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's payload (loaded with ``weights_only=True``): the same whatever the step mode."""
+        payload = {"model": self.net.state_dict(), "optimizer": optimizer_state_dict(self.step.optimizer),
+                   "scaler": self.step.scaler.state_dict(), "rng": rng_state(), "state": asdict(self.state),
+                   "budget_spent_s": self.budget.elapsed, "last_eval_s": self.last_eval_s,
+                   "config": asdict(self.cfg), "format": 1}
+        if self.step.ema is not None:
+            payload["ema"] = self.step.ema.module.state_dict()
+        return payload
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        self.net.load_state_dict(payload["model"])
+        load_optimizer_state(self.step.optimizer, payload["optimizer"])
+        self.step.scaler.load_state_dict(payload["scaler"])
+        set_rng_state(payload["rng"])
+        if self.step.ema is not None:
+            self.step.ema.module.load_state_dict(payload["ema"])
+
+
 def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
           budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
           loader: Callable[..., StageLoader] = StageLoader) -> dict[str, Any]:
-    """Train until the budget ends. ``loader`` builds the train and val loaders (``StageLoader``; benchmarks pass
-    a synthetic one with the same interface)."""
-    stop = stop or StopFlag()
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    plan = cfg.plan()
-    state = TrainState(**resume["state"]) if resume else TrainState()
-    if resume:
-        state.attempt += 1
-    torch.manual_seed(cfg.seed + state.attempt)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
-
-    net = build_model(cfg.model, num_classes=len(train_split.classes), image_size=state.image_size or plan.start,
-                      act=cfg.act, drop_path=cfg.drop_path)
-    net = net.to(device, memory_format=torch.channels_last)
-    if cfg.compile:
-        # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, plan.num_stages + 2)
-    forward = torch.compile(net, dynamic=False) if cfg.compile else net
-    groups = weight_decay_groups(net, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    augment = BatchAugment(cfg, len(train_split.classes), device)
-    ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None
-    if resume:
-        net.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-    evaluated = ema.module if ema is not None else net  # with --ema, the averaged weights are what is evaluated
-
-    def spec(size: int, batch: int, train: bool = True) -> StageSpec:  # a new shuffle order for each attempt
-        return stage_spec(cfg, device, size, batch, seed=cfg.seed + state.attempt, train=train)
-
-    train_batches = loader(train_split, spec(state.image_size or plan.start, state.batch_size or cfg.batch_size),
-                           train=True, device=device)
-    val_batches = loader(val_split, spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False, device=device)
-
-    params = sum(p.numel() for p in net.parameters())
-    run.log("start", model=cfg.model, params=params, device=str(device), amp=str(amp_dtype), attempt=state.attempt,
-            train_images=len(train_split), val_images=len(val_split), stages=[asdict(s) for s in plan.stages()],
-            eval_size=cfg.final_eval_size, elapsed_s=round(budget.elapsed, 3))
-    readout.message(f"{cfg.model} ({params / 1e6:.1f}M params) on {device}, amp {amp_dtype}, "
-                    f"peak lr {cfg.peak_lr:.3g}, {len(train_split)} train / {len(val_split)} val images, "
-                    f"{len(train_split.classes)} classes, "
-                    f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
-    if not resume:
-        for line in plan_lines(plan, cfg, len(train_split)):
-            readout.message(line)
-
-    last_eval_s: float | None = resume.get("last_eval_s") if resume else None
-    checkpoint_s = 0.0  # the last checkpoint's write time: the final one is part of the reserved end
-    checkpoints = run.path / "checkpoints"
-
-    def set_reserve(estimated_eval_s: float = 0.0) -> None:
-        charged = cfg.budget_counts == "all"  # with "train", evaluations are not charged, so not reserved
-        budget.reserve_s = end_reserve(last_eval_s if charged else 0.0, estimated_eval_s if charged else 0.0,
-                                       checkpoint_s)
-
-    set_reserve()
-
-    def checkpoint() -> Path:
-        nonlocal checkpoint_s
-        start = time.monotonic()
-        if nonfinite is not None and nonfinite.item():
-            raise Diverged(f"the loss became non-finite by step {state.step}")
-        payload = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                   "rng": rng_state(), "state": asdict(state), "budget_spent_s": budget.elapsed,
-                   "last_eval_s": last_eval_s, "config": asdict(cfg), "format": 1}
-        if ema is not None:
-            payload["ema"] = ema.module.state_dict()
-        path = save_checkpoint(checkpoints, state.step, payload)
-        checkpoint_s = time.monotonic() - start
-        set_reserve()
-        run.log("checkpoint", step=state.step, path=str(path.relative_to(run.path)), write_s=round(checkpoint_s, 3),
-                elapsed_s=round(budget.elapsed, 3))
-        return path
-
-    # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
-    # With fp16 the grad scaler skips such steps itself.
-    nonfinite = None if scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=device)
-    step_s: float | None = None  # moving average of one step's wall time at this stage, data wait included
-    last_eval: dict[str, float] | None = None
-    warmup_fraction = cfg.warmup_s / cfg.budget_s
-    eval_tokens = (cfg.final_eval_size // plan.patch) ** 2
-    net.train()
-    last_log_t, last_log_images = budget.elapsed, state.images_seen
-    last_ckpt_t = budget.elapsed
-    peak = peak_flops(device)
-    train_flops = 0.0  # per image at the current stage: forward + backward ~ 3x the forward
-    wait_s = 0.0  # time the step loop spent waiting on the loader since the last metrics line
-    while True:
-        if plan.stage_at(state.epoch) != state.stage:
-            _enter_stage(plan, state, cfg, net, optimizer, train_batches, spec, run, readout, budget,
-                         len(train_split))
-            if ema is not None:
-                set_grid(ema.module, state.image_size)
-            train_flops = 3.0 * forward_flops(net, state.image_size)
-            step_s = None
-            last_ckpt_t = budget.elapsed
-            checkpoint()
-        if not train_flops:  # a resumed run enters no stage
-            train_flops = 3.0 * forward_flops(net, state.image_size)
-        t_prev = budget.elapsed
-        first_step_of_stage = step_s is None
-        out_of_time = False
-        fetch_start = time.monotonic()
-        for images, labels in train_batches:
-            wait_s += time.monotonic() - fetch_start
-            if stop.reason:
-                raise StopRequested(stop.reason, checkpoint())
-            if step_s is not None and not budget.can_start(step_s):
-                out_of_time = True
-                break
-            factor = lr_factor(cfg.lr_schedule, budget.fraction,
-                               epoch=state.epoch + state.epoch_step / len(train_batches), epochs=cfg.epochs,
-                               warmup_fraction=warmup_fraction, min_ratio=cfg.min_lr / cfg.lr)
-            state.lr = state.peak_lr * factor
-            for group in optimizer.param_groups:
-                group["lr"] = state.lr
-            images, targets = augment(images, labels)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = augment.criterion(forward(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(net, step=state.step)
-            if nonfinite is not None:
-                nonfinite |= ~torch.isfinite(loss.detach())
-            state.step += 1
-            state.epoch_step += 1
-            state.images_seen += labels.shape[0]
-
-            now = budget.elapsed
-            dt, t_prev = now - t_prev, now
-            if first_step_of_stage:  # pipeline warm-up, cuDNN autotuning, a recompile: not a step's cost
-                first_step_of_stage = False
-            else:
-                step_s = dt if step_s is None else 0.9 * step_s + 0.1 * dt
-                if last_eval_s is None and cfg.budget_counts == "all":  # until one is measured: forward-only
-                    # costs ~1/3 of a step per image, scaled by tokens
-                    tokens = (state.image_size // plan.patch) ** 2
-                    estimate = len(val_split) * step_s / state.batch_size * eval_tokens / tokens / 2
-                    set_reserve(estimate)
-            if now - last_log_t >= cfg.log_every_s:
-                loss_value = loss.item()  # the one host sync per log interval
-                if nonfinite is not None and nonfinite.item():
-                    raise Diverged(f"the loss became non-finite by step {state.step}")
-                interval = now - last_log_t
-                ips = (state.images_seen - last_log_images) / interval
-                tflops = ips * train_flops / 1e12
-                fields = dict(step=state.step, epoch=state.epoch, stage=state.stage, image_size=state.image_size,
-                              batch_size=state.batch_size, images_per_sec=round(ips, 2), loss=round(loss_value, 5),
-                              lr=state.lr, images_seen=state.images_seen, interval_s=round(interval, 3),
-                              data_wait=round(min(1.0, wait_s / interval), 4), tflops=float(f"{tflops:.4g}"),
-                              mfu=float(f"{tflops * 1e12 / peak:.4g}") if peak else None, elapsed_s=round(now, 3),
-                              # at this stage's pace (later stages are slower: an upper bound)
-                              projected_epochs=round((state.images_seen + ips * budget.remaining) / len(train_split),
-                                                     2),
-                              **device_memory(device))
-                run.log("train", **fields)
-                readout.update(**fields)
-                last_log_t, last_log_images, wait_s = now, state.images_seen, 0.0
-            if now - last_ckpt_t >= cfg.ckpt_every_s:
-                checkpoint()
-                last_ckpt_t = budget.elapsed
-            if state.epoch_step >= len(train_batches):  # a resumed epoch ends after its remaining steps
-                break
-            fetch_start = time.monotonic()
-        if out_of_time:
-            state.epoch_progress = state.epoch_step / len(train_batches)
-            break
-        state.epoch += 1
-        state.epoch_step = 0
-        last_eval = None
-        if cfg.eval_every and state.epoch % cfg.eval_every == 0 and budget.can_start(last_eval_s or 0.0):
-            last_eval = _evaluate(evaluated, val_batches, amp_dtype, state, cfg, run, readout, budget)
-            last_eval_s = last_eval["eval_s"]
-            set_reserve()
-        if not budget.can_start(step_s or 0.0):
-            break
-
-    train_s = budget.elapsed
-    if last_eval is None or state.epoch_progress > 0:
-        last_eval = _evaluate(evaluated, val_batches, amp_dtype, state, cfg, run, readout, budget)
-        last_eval_s = last_eval["eval_s"]
-    train_batches.close()
-    val_batches.close()
-    final_checkpoint = checkpoint()
-    save_safetensors_atomic(evaluated.state_dict(), run.path / "model.safetensors")
-    return {
-        "top1": last_eval["top1"], "top5": last_eval["top5"],
-        "epochs": round(state.epoch + state.epoch_progress, 4), "steps": state.step,
-        "images_seen": state.images_seen, "elapsed_s": round(budget.elapsed, 3), "train_s": round(train_s, 3),
-        "budget_s": cfg.budget_s, "overshoot_s": round(budget.elapsed - cfg.budget_s, 3),
-        "stop_reason": "budget", "model": cfg.model, "image_size": state.image_size,
-        "eval_size": cfg.final_eval_size, "stages_reached": state.stage + 1, "params": params,
-        "attempts": state.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(run.path)),
-        "device": str(device), "state": asdict(state),
-    }
-
-
-def _enter_stage(plan: CurriculumPlan, state: TrainState, cfg: TrainConfig, net: nn.Module,
-                 optimizer: torch.optim.Optimizer, train_batches: StageLoader,
-                 spec: Callable[[int, int], StageSpec], run: RunDir, readout: Readout, budget: Budget,
-                 train_images: int) -> None:
-    """Stage change at an epoch boundary: new size and batch, position embedding and optimizer state resized,
-    the loader rebuilt (the old pipeline freed)."""
-    start = time.monotonic()
-    state.stage = plan.stage_at(state.epoch)
-    state.image_size = plan.size_at(state.epoch)
-    state.batch_size = stage_batch_size(cfg.batch_size, state.image_size, plan.final, cfg.stage_batch,
-                                        min(cfg.max_batch, train_images))
-    state.peak_lr = stage_lr(cfg.peak_lr, state.batch_size, cfg.batch_size)  # the schedule scales it step by step
-    resize_for_stage(net, optimizer, state.image_size)
-    train_batches.set_stage(spec(state.image_size, state.batch_size))
-    rebuild_s = time.monotonic() - start
-    fields = dict(stage=state.stage, epoch=state.epoch, image_size=state.image_size, batch_size=state.batch_size,
-                  peak_lr=state.peak_lr, steps_per_epoch=len(train_batches), rebuild_s=round(rebuild_s, 4),
-                  source_px=getattr(train_batches, "source_px", None), elapsed_s=round(budget.elapsed, 3))
-    run.log("stage", **fields)
-    readout.update(**fields)
-    if readout.live:
-        source = f", reading the {fields['source_px']}-px copy" if fields["source_px"] else ""
-        readout.message(f"stage {state.stage}: {state.image_size} px, batch {state.batch_size}{source}, "
-                        f"rebuilt in {rebuild_s:.2f}s")
-
-
-def _evaluate(net: nn.Module, val_batches: StageLoader, amp_dtype: torch.dtype | None, state: TrainState,
-              cfg: TrainConfig, run: RunDir, readout: Readout, budget: Budget) -> dict[str, float]:
-    with budget.uncharged(cfg.budget_counts == "train"):
-        result = evaluate(net, val_batches, amp_dtype)
-    fields = dict(step=state.step, epoch=round(state.epoch + state.epoch_progress, 4), stage=state.stage,
-                  image_size=cfg.final_eval_size, top1=round(result["top1"], 5), top5=round(result["top5"], 5),
-                  eval_s=round(result["eval_s"], 3), elapsed_s=round(budget.elapsed, 3))
-    run.log("eval", **fields)
-    readout.update(**{k: v for k, v in fields.items() if k != "image_size"})
-    if readout.live:  # plain mode already printed the line
-        readout.message(
-            f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  top5 {100 * result['top5']:.2f}%"
-        )
-    return result
+    """Train until the budget ends; returns the summary."""
+    return Trainer(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop, loader=loader).run()

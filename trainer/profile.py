@@ -8,15 +8,14 @@ from typing import Any
 
 import torch
 
-from model import build_model
 from model.flops import forward_flops
 from pipelines import Split, StageLoader
-from trainer.augment import BatchAugment
 from trainer.config import TrainConfig
 from trainer.hardware import peak_flops
-from trainer.loop import resolve_amp, resolve_device, stage_spec, weight_decay_groups
+from trainer.loop import stage_spec
 from trainer.resize import resize_for_stage
 from trainer.rundir import write_json_atomic
+from trainer.step import TrainStep, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -26,28 +25,6 @@ def _sync(device: torch.device) -> None:
 
 def _rate(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else float("nan")
-
-
-class TrainStep:
-    """One optimizer step of the run's model, augmentation and precision."""
-
-    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
-        self.device, self.amp = device, resolve_amp(cfg.amp, device)
-        self.net = build_model(cfg.model, num_classes=num_classes, act=cfg.act, drop_path=cfg.drop_path)
-        self.net = self.net.to(device, memory_format=torch.channels_last).train()
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.net, cfg.weight_decay), lr=cfg.peak_lr,
-                                           fused=device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        self.augment = BatchAugment(cfg, num_classes, device)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        images, targets = self.augment(images, labels)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = self.augment.criterion(self.net(images), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
 
 
 def time_batches(batches, steps: int, warmup: int, device: torch.device, work=None) -> float:
@@ -76,17 +53,19 @@ def _advice(bound: str, pipeline: float, loop: float, model: float, device: torc
     if loop < 0.9 * min(pipeline, model):
         if device.type == "cpu":
             return "the pipeline and the model share the CPU cores: a GPU, or fewer --workers"
-        return "loop overhead: check the data-wait column and host syncs; try --compile"
-    return "compute-bound: a larger batch (--stage-batch tokens) or --compile to cut launch overhead"
+        return "loop overhead: check the data-wait column and host syncs; try --step graph"
+    return "compute-bound: a larger batch (--stage-batch tokens); --step graph or compile to cut launch overhead"
 
 
 def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], steps: int = 20,
             warmup: int = 3, say=print) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    step = TrainStep(cfg, len(train_split.classes), device)
+    step = TrainStep.for_config(cfg, len(train_split.classes), device, image_size=sizes[0])
+    warmup = max(warmup, step.settle_steps + 1)  # a captured step's warm-up and capture are not timed
     peak = peak_flops(device)
     rows = []
     for size in sizes:
+        step.prepare()  # the trainer's stage change: a captured step is recaptured at the new shape
         resize_for_stage(step.net, step.optimizer, size)
         spec = stage_spec(cfg, device, size, cfg.batch_size)
         loader = StageLoader(train_split, spec, train=True, device=device)
@@ -121,14 +100,15 @@ def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], s
     loader.close()
 
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "model": cfg.model, "amp": str(step.amp), "steps": steps, "warmup": warmup, "rows": rows,
-              "trace": trace.name}
+              "model": cfg.model, "amp": str(step.amp), "step_mode": step.mode, "steps": steps, "warmup": warmup,
+              "rows": rows, "trace": trace.name}
     write_json_atomic(out / "profile.json", report)
     return report
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{report['model']} on {report['device']}, amp {report['amp']}, {report['steps']} timed steps per cell",
+    lines = [f"{report['model']} on {report['device']}, amp {report['amp']}, step {report.get('step_mode', 'eager')}, "
+             f"{report['steps']} timed steps per cell",
              f"{'size':>5} {'batch':>5} {'pipeline img/s':>15} {'model img/s':>12} {'loop img/s':>11} "
              f"{'TFLOP/s':>8} {'MFU':>6} {'bound':>8}  what to try"]
     for r in report["rows"]:

@@ -1,0 +1,270 @@
+"""One training step — batch augmentation, forward, loss, backward, AdamW, EMA, the non-finite flag — run eagerly,
+compiled, or captured whole in one CUDA graph per curriculum stage.
+
+The trainer, ``--profile``, ``tools/bench.py`` and ``tools/gpu_check.py`` all time this object.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from model import build_model
+from trainer.augment import BatchAugment
+from trainer.config import TrainConfig
+
+STEP_MODES = ("auto", "eager", "graph", "compile")
+# Eager steps before a capture: cuDNN autotuning, the optimizer's state and the allocator's pools settle first
+# (PyTorch's CUDA-graph notes). They are real training steps on real batches.
+GRAPH_WARMUP_STEPS = 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the card has it, else fp16 (with a grad scaler); none on the CPU."""
+    if device.type != "cuda" or name == "off":
+        return None
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None) -> tuple[str, str | None]:
+    """The mode that runs and, where it is not the one asked for, one line saying why.
+
+    auto: a captured step on CUDA (bf16 or fp32), eager elsewhere. A captured step cannot hold fp16's grad scaler
+    (it reads its overflow flag on the host) and needs CUDA; those fall back to eager.
+    """
+    if name not in STEP_MODES:
+        raise ValueError(f"unknown step mode {name!r}; choose from {', '.join(STEP_MODES)}")
+    if name == "auto":
+        return ("graph" if device.type == "cuda" and amp != torch.float16 else "eager"), None
+    if name == "graph" and device.type != "cuda":
+        return "eager", "--step graph: CUDA graphs need a CUDA device; running the step eagerly"
+    if name == "graph" and amp == torch.float16:
+        return "eager", ("--step graph: fp16's grad scaler checks for overflow on the host, which a captured step "
+                         "cannot do; running the step eagerly (use --amp bf16 to capture)")
+    return name, None
+
+
+def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D parameters (norms, biases) nor the model's ``no_weight_decay()`` names
+    (position embedding, class token)."""
+    return param_groups_weight_decay(net, weight_decay, no_weight_decay_list=net.no_weight_decay())
+
+
+def make_optimizer(net: nn.Module, weight_decay: float, lr: float, device: torch.device,
+                   graph: bool) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA; for a captured step also capturable, with the lr a device tensor the host sets."""
+    cuda = device.type == "cuda"
+    lr_value: float | torch.Tensor = torch.tensor(lr, dtype=torch.float32, device=device) if graph else lr
+    return torch.optim.AdamW(weight_decay_groups(net, weight_decay), lr=lr_value, fused=cuda, capturable=graph)
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state with plain-float learning rates, so a checkpoint does not depend on the step mode."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load moments and step counts from any step mode's checkpoint, keeping this optimizer's own kind
+    (fused, capturable, a tensor or float lr): a run captured on a GPU resumes eagerly on the CPU and back."""
+    own = [{k: g[k] for k in ("lr", "fused", "capturable", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, own, strict=True):
+        group.update(kept)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            s = optimizer.state.get(p)
+            if s and "step" in s:  # fused/capturable keep it on the device, the others on the host
+                s["step"] = s["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
+
+
+@dataclass
+class StepTimes:
+    """What the current stage's preparation cost so far (seconds of host wall time, synced at the capture)."""
+
+    steps: int = 0  # steps run at this stage
+    capture_s: float = 0.0
+
+
+class TrainStep:
+    """Forward, loss, backward, the optimizer step, the EMA update and the non-finite flag, for one stage's shape.
+
+    ``mode``: "eager"; "compile" (``torch.compile`` of the model, static shapes, one graph per stage); "graph" (the
+    whole step captured in one ``torch.cuda.CUDAGraph`` after ``GRAPH_WARMUP_STEPS`` eager steps, replayed with the
+    batch copied into static buffers; ``prepare`` at a stage change frees it and the next steps recapture).
+
+    Batch augmentation (erasing, mixup/cutmix) draws its random numbers on the host, so it runs before the graph,
+    outside it: every step gets fresh draws. Drop-path draws on the device from PyTorch's graph-safe generator,
+    whose offset advances at each replay.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, augment: BatchAugment, *,
+                 device: torch.device, amp: torch.dtype | None, mode: str = "eager",
+                 ema: ModelEmaV3 | None = None) -> None:
+        if mode == "graph" and (device.type != "cuda" or amp == torch.float16):
+            raise ValueError("a captured step needs CUDA and bf16 or fp32 (see resolve_step_mode)")
+        if mode not in ("eager", "graph", "compile"):
+            raise ValueError(f"unknown step mode {mode!r}")
+        self.net, self.optimizer, self.augment, self.ema = net, optimizer, augment, ema
+        self.device, self.amp, self.mode = device, amp, mode
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
+        # With fp16 the grad scaler skips such steps itself.
+        self.nonfinite = None if self.scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=device)
+        self.forward = net
+        if mode == "compile":
+            # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            self.forward = torch.compile(net, dynamic=False)
+        self._lr: torch.Tensor | None = None
+        if mode == "graph":  # one device tensor shared by every group, set by the host before each replay
+            lr = optimizer.param_groups[0]["lr"]
+            self._lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
+            for group in optimizer.param_groups:
+                group["lr"] = self._lr
+            self._side = torch.cuda.Stream(device)
+        self.steps = 0  # the run's step count (the EMA's first updates copy); the trainer sets it on resume
+        self.times = StepTimes()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._static_loss: torch.Tensor | None = None
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, num_classes: int, device: torch.device, image_size: int,
+                   mode: str | None = None) -> TrainStep:
+        """The model, optimizer, augmentation and EMA that ``cfg`` asks for, on ``device`` (what the trainer
+        builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``."""
+        amp = resolve_amp(cfg.amp, device)
+        if mode is None:
+            mode, _ = resolve_step_mode(cfg.step, device, amp)
+        net = build_model(cfg.model, num_classes=num_classes, image_size=image_size, act=cfg.act,
+                          drop_path=cfg.drop_path)
+        net = net.to(device, memory_format=torch.channels_last).train()
+        optimizer = make_optimizer(net, cfg.weight_decay, cfg.peak_lr, device, graph=mode == "graph")
+        ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None
+        return cls(net, optimizer, BatchAugment(cfg, num_classes, device), device=device, amp=amp, mode=mode,
+                   ema=ema)
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    @property
+    def settle_steps(self) -> int:
+        """Steps a stage takes to reach the steady step: warm-up and capture for a graph, one otherwise."""
+        return GRAPH_WARMUP_STEPS + 1 if self.mode == "graph" else 1
+
+    @property
+    def settling(self) -> bool:
+        """True until the step reaches its steady form at this stage: the warm-up steps and the capture in graph
+        mode, the first (compiling or autotuning) step otherwise."""
+        if self.mode == "graph":
+            return self._graph is None
+        return self.times.steps == 0
+
+    def prepare(self) -> None:
+        """A stage change (new image size or batch, a new position-embedding Parameter): drop the captured graph
+        and its memory pool; the next steps warm up and capture again. Eager and compiled steps need nothing."""
+        self.times = StepTimes()
+        if self._graph is None:
+            return
+        self._graph.reset()
+        self._graph = self._static = self._static_loss = None
+        self.optimizer.zero_grad(set_to_none=True)  # the old gradients live in the old graph's pool
+        torch.cuda.empty_cache()
+
+    def set_lr(self, lr: float) -> None:
+        if self._lr is not None:
+            self._lr.fill_(lr)  # a device-side write, ordered before the next replay; no sync
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+        """One optimizer step on this batch. Returns the loss as a device tensor (never synced here)."""
+        if lr is not None:
+            self.set_lr(lr)
+        images, targets = self.augment(images, labels)  # host-side draws: outside any graph
+        if self.mode != "graph":
+            loss = self._step(images, targets)
+        elif self._graph is not None:
+            assert self._static is not None and self._static_loss is not None
+            self._static[0].copy_(images)
+            self._static[1].copy_(targets)
+            self._graph.replay()
+            loss = self._static_loss
+        elif self.times.steps < GRAPH_WARMUP_STEPS:
+            loss = self._warmup(images, targets)
+        else:
+            loss = self._capture(images, targets)
+        self.steps += 1
+        self.times.steps += 1
+        return loss
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The step itself: what a graph captures, and what eager and compiled modes run as is."""
+        graph = self.mode == "graph"  # the autocast cache must not outlive a capture
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None, cache_enabled=not graph):
+            loss = self.augment.criterion(self.forward(images), targets)
+        if not graph:  # a captured step's backward writes (not adds) the gradients it allocated at capture
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.steps)
+        if self.nonfinite is not None:
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+        return loss.detach()
+
+    def _warmup(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """An eager step on a side stream, as capture requires (its allocations then come from that stream)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            loss = self._step(images, targets)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+        return loss
+
+    def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Capture the step on static copies of this batch, then replay it once: this batch is trained on."""
+        start = time.perf_counter()
+        self._static = (torch.empty_like(images), torch.empty_like(targets))  # same strides: channels-last stays
+        self._static[0].copy_(images)
+        self._static[1].copy_(targets)
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's own pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_loss = self._step(*self._static)
+        self._graph = graph
+        graph.replay()
+        torch.cuda.synchronize(self.device)  # once per stage: the capture's cost is then measured, not guessed
+        self.times.capture_s = time.perf_counter() - start
+        return self._static_loss
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def diverged(self) -> bool:
+        """Has any loss since the start been non-finite? (A host sync: call at log intervals.)"""
+        return self.nonfinite is not None and bool(self.nonfinite.item())
