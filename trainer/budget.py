@@ -134,14 +134,18 @@ class StopGate:
         if settling:
             self.step_s = seconds
             return
-        if not self._steady:
+        if not self._steady:  # the first steady step replaces the settling estimate
             self._steady = True
-            if self._entry_start is not None:
-                self.entry_s = self.budget.elapsed - seconds - self._entry_start
             self.step_s = seconds
         else:
             assert self.step_s is not None
             self.step_s = (1 - self.SMOOTHING) * self.step_s + self.SMOOTHING * seconds
+
+    def stage_settled(self) -> None:
+        """The step reached its steady form: the stage's entry cost is measured (rebuild to the end of capture)."""
+        if self._entry_start is not None:
+            self.entry_s = self.budget.elapsed - self._entry_start
+            self._entry_start = None
 
     def should_continue(self) -> bool:
         """Time for one more step at this stage's pace, and the reserved end after it?"""

@@ -265,6 +265,7 @@ class Trainer:
         self.gate.record_step(now - self._t_prev, settling=settling)
         self._t_prev = now
         if settling and not self.step.settling:
+            self.gate.stage_settled()
             self.run_dir.log("stage_ready", stage=s.stage, image_size=s.image_size, step_mode=self.mode,
                              entry_s=round(self.gate.entry_s or 0.0, 3), settle_steps=self.step.times.steps,
                              capture_s=round(self.step.times.capture_s, 4), elapsed_s=round(now, 3))

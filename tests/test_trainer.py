@@ -1,0 +1,170 @@
+"""The Trainer's stop decisions, driven by a fake clock: steps, stage entries and evaluations cost what the test says,
+so every decision is checked exactly, not through wall-clock windows."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pipelines import Split
+from pipelines.synthetic import SyntheticLoader
+from trainer.budget import Budget, StopGate
+from trainer.config import parse_args
+from trainer.evaluate import evaluate
+from trainer.loop import Trainer
+from trainer.readout import Readout
+from trainer.rundir import RunDir
+
+STEPS_PER_EPOCH = 5
+VAL_BATCHES = 4
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TickingStep:
+    """The real TrainStep, with each call charged ``settle_s`` (while settling) or ``step_s`` of fake time."""
+
+    def __init__(self, step, clock: FakeClock, step_s: float, settle_s: float) -> None:
+        self._step, self._clock, self.step_s, self.settle_s = step, clock, step_s, settle_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._step, name)
+
+    def __call__(self, images, labels, lr=None):
+        self._clock.now += self.settle_s if self._step.settling else self.step_s
+        return self._step(images, labels, lr=lr)
+
+
+def _trainer(tmp_path: Path, flags: list[str], *, step_s: float = 1.0, settle_s: float = 1.0,
+             eval_batch_s: float = 0.5) -> tuple[Trainer, FakeClock]:
+    cfg = parse_args(["--data", "synthetic", "--model", "vit_local_test_patch16", "--batch-size", "4", "--lr", "1e-2",
+                      "--device", "cpu", "--log-every", "1000", "--ckpt-every", "1000h", "--workers", "1", *flags])
+    n = STEPS_PER_EPOCH * cfg.batch_size
+    split = Split(root=Path("synthetic"), files=("x",) * n, labels=(0,) * n, classes=("a", "b", "c"))
+
+    def loader(split, spec, *, train: bool, device):
+        return SyntheticLoader(len(split.classes), spec, steps_per_epoch=STEPS_PER_EPOCH if train else VAL_BATCHES,
+                               device=device)
+
+    clock = FakeClock()
+    budget = Budget(cfg.budget_s, clock=clock)
+    readout = Readout(cfg.budget_s, clock=lambda: budget.elapsed, live=False, console=Console(file=io.StringIO()))
+    trainer = Trainer(cfg, split, split, RunDir(tmp_path / "run"), readout, budget, loader=loader)
+    trainer.step = TickingStep(trainer.step, clock, step_s, settle_s)
+
+    def ticking_evaluate(net, batches, amp):
+        def ticking():
+            for batch in batches:
+                clock.now += eval_batch_s
+                yield batch
+        return evaluate(net, ticking(), amp)
+
+    trainer.evaluate_model = ticking_evaluate
+    return trainer, clock
+
+
+def _events(trainer: Trainer, name: str) -> list[dict]:
+    trainer.run_dir.close()
+    lines = (trainer.run_dir.path / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+def test_the_run_stops_at_the_last_step_that_fits_and_ends_inside_its_budget(tmp_path):
+    trainer, _ = _trainer(tmp_path, ["--image-size", "32", "--no-curriculum", "--budget", "60s",
+                                     "--eval-every", "0"], step_s=1.0, eval_batch_s=0.5)
+    summary = trainer.run()
+    # the probe timed 3 of the 4 val batches: estimate = 2 x first + 3 x per batch = 2.5 s (the real one is 2 s)
+    probe = _events(trainer, "eval_probe")[0]
+    assert probe["estimate_s"] == pytest.approx(2.5)
+    reserve = 2.5 * 1.2 + 1.0  # what the stop decision kept back (checkpoints cost no fake time)
+    assert trainer.gate.reserve_s == pytest.approx(2.0 * 1.2 + 1.0)  # after it, the measured evaluation
+    assert summary["elapsed_s"] <= 60
+    # stopped because one more 1-s step would have eaten into the reserve, not earlier
+    assert summary["train_s"] + 1.0 + reserve > 60
+    assert summary["train_s"] + reserve <= 60
+    assert summary["elapsed_s"] == pytest.approx(summary["train_s"] + VAL_BATCHES * 0.5)
+
+
+def test_an_expensive_final_evaluation_is_reserved_before_any_was_measured(tmp_path):
+    # The GPU case that overran: --eval-every 0, and an evaluation that costs a lot next to a step.
+    trainer, _ = _trainer(tmp_path, ["--image-size", "32", "--no-curriculum", "--budget", "40s",
+                                     "--eval-every", "0"], step_s=0.2, eval_batch_s=2.0)
+    summary = trainer.run()
+    assert summary["elapsed_s"] <= 40
+    assert 40 - summary["elapsed_s"] < 0.2 + 2.0 * 1.2 * 2.5 + 1.0  # and not much under it
+
+
+def test_a_stage_whose_entry_cannot_fit_is_not_entered_and_training_goes_on(tmp_path):
+    # Stage 0 (32 px, 4 tokens) takes 10 s to settle; stage 1 (48 px, 9 tokens) is then estimated at
+    # 1.5 x 10 x 9/4 = 33.75 s, more than the ~26 s left after the first epoch.
+    trainer, _ = _trainer(tmp_path, ["--image-size", "48", "--curriculum", "32:16:1", "--budget", "40s",
+                                     "--eval-every", "0"], step_s=1.0, settle_s=10.0, eval_batch_s=0.1)
+    summary = trainer.run()
+    skipped = _events(trainer, "stage_skipped")
+    assert len(skipped) == 1 and skipped[0]["image_size"] == 48
+    assert skipped[0]["entry_estimate_s"] == pytest.approx(33.75)
+    assert summary["stages_reached"] == 1 and summary["stages_skipped"]
+    assert summary["epochs"] > 1.5  # it kept training at 32 px after the refused boundary
+    assert summary["elapsed_s"] <= 40
+    ready = _events(trainer, "stage_ready")
+    assert ready[0]["entry_s"] == pytest.approx(10.0)  # the settling step, measured: nothing else cost fake time
+
+
+def test_with_time_enough_every_stage_is_entered_and_its_first_step_is_charged(tmp_path):
+    trainer, _ = _trainer(tmp_path, ["--image-size", "48", "--curriculum", "32:16:1", "--budget", "120s",
+                                     "--eval-every", "1"], step_s=1.0, settle_s=4.0, eval_batch_s=0.1)
+    summary = trainer.run()
+    assert summary["stages_reached"] == 2 and not summary["stages_skipped"]
+    stages = _events(trainer, "stage")
+    assert [s["image_size"] for s in stages] == [32, 48]
+    ready = _events(trainer, "stage_ready")
+    assert [r["entry_s"] for r in ready] == pytest.approx([4.0, 4.0])
+    assert summary["elapsed_s"] <= 120
+    # one probe at the start; from the first periodic evaluation on, measured evaluations set the reserve
+    assert len(_events(trainer, "eval_probe")) == 1 and len(_events(trainer, "eval")) >= 2
+    assert trainer.gate.eval_s == pytest.approx(VAL_BATCHES * 0.1)
+
+
+def test_evaluation_time_uncharged_means_no_probe_and_no_reserve_for_it(tmp_path):
+    trainer, _ = _trainer(tmp_path, ["--image-size", "32", "--no-curriculum", "--budget", "30s",
+                                     "--eval-every", "0", "--budget-counts", "train"], eval_batch_s=5.0)
+    summary = trainer.run()
+    assert not _events(trainer, "eval_probe")
+    assert trainer.gate.reserve_s == pytest.approx(1.0)  # the margin only
+    assert summary["train_s"] <= 30 and summary["train_s"] + 1.0 + 1.0 > 30
+
+
+def test_the_gate_uses_settling_steps_as_an_upper_bound_then_the_moving_average():
+    now = [0.0]
+    gate = StopGate(Budget(100, clock=lambda: now[0]))
+    assert gate.can_enter_stage(4)  # nothing measured yet: the first stage is always entered
+    gate.begin_stage(4)
+    now[0] = 6.0
+    gate.record_step(6.0, settling=True)  # warm-up / capture
+    assert gate.step_s == 6.0  # the next step is expected to cost as much until one is measured
+    gate.stage_settled()
+    now[0] = 7.0
+    gate.record_step(1.0, settling=False)
+    assert gate.step_s == 1.0 and gate.entry_s == pytest.approx(6.0)
+    now[0] = 9.0
+    gate.record_step(2.0, settling=False)
+    assert gate.step_s == pytest.approx(1.1)
+    assert gate.entry_estimate(16) == pytest.approx(1.5 * 6.0 * 4)
+    assert gate.entry_estimate(2) == pytest.approx(1.5 * 6.0)  # never scaled below the last entry
+    gate.record_checkpoint(2.0)
+    gate.record_eval(10.0)
+    assert gate.reserve_s == pytest.approx((10.0 + 2 * 2.0) * 1.2 + 1.0)
+    now[0] = 100 - gate.reserve_s - 1.1
+    assert gate.should_continue()
+    now[0] += 0.01
+    assert not gate.should_continue()
