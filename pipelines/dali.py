@@ -39,12 +39,17 @@ class StageSpec:
     rand_augment: tuple[int, int] | None = None  # (ops per image, magnitude on DALI's 0..30 scale)
     min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
     source_ratio: float = 2.0  # prepared copies: read the smallest whose shorter side >= source_ratio x image_size
+    # GPU batches: "host" waits on the host until the batch is decoded (DALI's iterator default); "stream" makes
+    # PyTorch's current stream wait for it on the device instead, so the host never blocks on GPU work
+    handoff: Literal["host", "stream"] = "host"
 
     def __post_init__(self) -> None:
         if self.device == "gpu" and self.device_id is None:
             raise ValueError("a gpu StageSpec needs a device_id")
         if self.device == "cpu" and self.device_id is not None:
             raise ValueError("a cpu StageSpec takes device_id=None (DALI then needs no CUDA)")
+        if self.handoff not in ("host", "stream"):
+            raise ValueError(f"handoff must be 'host' or 'stream', not {self.handoff!r}")
 
     @classmethod
     def on(cls, device, **fields) -> StageSpec:

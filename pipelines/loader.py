@@ -46,6 +46,18 @@ def _dali_reason(message: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def _hand_outputs_to_torch_stream(pipe, device: torch.device) -> None:
+    """Make the pipeline's outputs wait for their GPU work on PyTorch's current stream, not on the host.
+
+    DALI's iterator calls ``share_outputs()`` with no stream, which blocks the host until the batch's GPU work is
+    done (an event synchronize); on a GPU busy with training kernels the host then stalls instead of queueing the
+    next step. ``share_outputs(cuda_stream=...)`` (exec_dynamic, DALI's default executor) orders the outputs on the
+    given stream instead; the host still waits for the batch's CPU-side work, which is real data starvation.
+    """
+    share = pipe.share_outputs
+    pipe.share_outputs = lambda cuda_stream=None: share(cuda_stream=torch.cuda.current_stream(device))
+
+
 class StageLoader:
     """Iterate one split at one stage. ``set_stage`` swaps in a new pipeline and frees the old one.
 
@@ -81,6 +93,8 @@ class StageLoader:
         builder = build_train_pipeline if self.train else build_val_pipeline
         self.source = self.split.for_stage(self.spec.image_size, self.spec.source_ratio)
         pipe = builder(self.source, self.spec)
+        if self.spec.device == "gpu" and self.spec.handoff == "stream":
+            _hand_outputs_to_torch_stream(pipe, self.device)
         return DALIGenericIterator(
             [pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,

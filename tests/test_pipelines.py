@@ -138,3 +138,24 @@ def test_synthetic_loader_matches_the_stage_loader_interface():
     assert next(iter(loader))[0].abs().sum() > 0
     loader.set_stage(StageSpec(image_size=48, batch_size=2))
     assert next(iter(loader))[0].shape == (2, 3, 48, 48)
+
+
+def test_stream_handoff_binds_the_outputs_to_torch_current_stream(monkeypatch):
+    """With --data-handoff stream, DALI's iterator gets the batch ordered on PyTorch's stream, not the host."""
+    from pipelines.loader import _hand_outputs_to_torch_stream
+
+    calls = []
+
+    class Pipe:
+        def share_outputs(self, cuda_stream=None):
+            calls.append(cuda_stream)
+            return ["outputs"]
+
+    stream = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    pipe = Pipe()
+    _hand_outputs_to_torch_stream(pipe, torch.device("cuda"))
+    assert pipe.share_outputs() == ["outputs"]  # called as DALI's iterator calls it: no arguments
+    assert calls == [stream]
+    with pytest.raises(ValueError, match="handoff"):
+        StageSpec(image_size=32, batch_size=2, handoff="later")

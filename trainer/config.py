@@ -81,6 +81,7 @@ class TrainConfig:
     amp: str = "auto"
     step: str = "auto"  # how the training step runs: auto | eager | graph | compile (trainer/step.py)
     workers: int = 0
+    data_handoff: str = "host"  # GPU batches reach the step: host-synchronized, or ordered on the torch stream
     seed: int = 0
     eval_every: int = 1
     ckpt_every_s: float = 1800.0
@@ -136,6 +137,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_size": None, "batch_size": 64, "stage_batch": "fixed", "max_batch": 1024, "lr": 1e-3,
     "lr_schedule": "cosine-time", "min_lr": 1e-5, "warmup": "0", "epochs": None, "weight_decay": 0.05,
     "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "step": "auto", "workers": 0,
+    "data_handoff": "host",
     "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
     "source_ratio": 2.0,
     "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
              "--amp fp16, else eager)")
     add("--compile", dest="step", action="store_const", const="compile", help="same as --step compile")
     add("--workers", type=int, help="DALI CPU threads (default 0: one per core)")
+    add("--data-handoff", choices=("host", "stream"),
+        help="GPU batches: host waits on the host for each decoded batch (default); stream makes the training "
+             "stream wait for it on the device, so the host never blocks on GPU work")
     add("--seed", type=int, help="default 0")
     add("--eval-every", type=int, help="evaluate every K epochs (0: only at the end; default 1)")
     add("--log-every", type=float, help="seconds between metrics lines (default 10)")
@@ -274,7 +279,8 @@ def _build(raw: dict[str, Any]) -> TrainConfig:
         lr_schedule=r["lr_schedule"], min_lr=r["min_lr"], epochs=r["epochs"],
         warmup_s=0.0 if str(r["warmup"]).strip() in ("0", "none") else _parse_duration("--warmup", str(r["warmup"])),
         budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], step=r["step"],
-        workers=r["workers"], seed=r["seed"], eval_every=r["eval_every"], log_every_s=r["log_every"],
+        workers=r["workers"], data_handoff=r["data_handoff"], seed=r["seed"], eval_every=r["eval_every"],
+        log_every_s=r["log_every"],
         ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
         min_area=r["min_area"], source_ratio=r["source_ratio"], randaug=r["randaug"], randaug_n=r["randaug_n"],
         mixup=r["mixup"], cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],

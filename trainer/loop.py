@@ -59,7 +59,7 @@ def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_si
                         seed=cfg.seed if seed is None else seed,
                         interp="cubic" if cfg.interp == "bicubic" else "linear",
                         rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
-                        source_ratio=cfg.source_ratio)
+                        source_ratio=cfg.source_ratio, handoff=cfg.data_handoff)
 
 
 def randaug_bins(cfg: TrainConfig) -> tuple[int, int] | None:
