@@ -253,7 +253,9 @@ class TrainStep:
         self._static[1].copy_(targets)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: DALI's worker threads keep decoding (and allocating) on the GPU while this thread captures;
+        # "global" would fail their CUDA calls for the duration of the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._static_loss = self._step(*self._static)
         self._graph = graph
         graph.replay()
