@@ -6,10 +6,13 @@
     python tools/bench.py pipeline [--workers 2] [--repeats 3] [--device cpu|cuda]
         Our DALI train pipeline vs a torch DataLoader with torchvision's ImageFolder + RandomResizedCrop + flip +
         normalize, same images, same number of CPU workers/threads, at 32, 64, 128, 224 px: images/s and ratio.
-    python tools/bench.py model [--batch-size 8] [--repeats 3]
-        Training step (forward, backward, AdamW) of the locality ViT-S vs timm's DeiT-S at 32..224 px.
-    python tools/bench.py loop [--device cpu|cuda] [--model M] [--size S] [--seconds 30]
-        The full training loop on synthetic on-device batches vs the bare step: the loop's own cost.
+    python tools/bench.py model [--device cpu|cuda] [--step eager|graph|compile] [--batch-size 8] [--repeats 3]
+        The product's training step (trainer/step.py's TrainStep: forward, loss, backward, AdamW, as the trainer
+        builds it) of the locality ViT-S vs timm's DeiT-S at 32..224 px; --step graph needs --device cuda.
+    python tools/bench.py loop [--device cpu|cuda] [--step auto|eager|graph|compile] [--model M] [--size S]
+                               [--seconds 30]
+        The full training loop on synthetic on-device batches vs the bare step (the trainer's own TrainStep): the
+        loop's own cost.
     python tools/bench.py small-images [--workers 2] [--repeats 3] [--copy-sizes 64,128] [--source-ratio 2]
         The train pipeline at 32 and 64 px reading ImageNet-sized JPEGs (375-500 px sides) vs reading the smallest
         pre-resized copy whose shorter side is at least source-ratio x the stage size: what --max-size saves.
@@ -155,34 +158,68 @@ def _ratio_table(command: str, columns: tuple[str, str], rows: list[tuple[int, f
         print(f"{size:>5} {ours:>18.0f} {theirs:>18.0f} {ours / theirs:>6.2f}")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def _amp_name(amp: torch.dtype | None) -> str:
+    return str(amp).removeprefix("torch.") if amp is not None else "off"
+
+
 def bench_model(args: argparse.Namespace) -> None:
-    from torch import nn
+    """The trainer's own step (``TrainStep.for_config``, default flags: no batch augmentation, the model's
+    drop-path, AdamW; bf16 autocast on CUDA) on one synthetic batch in the pipeline's layout, per model and size."""
+    from trainer.config import parse_args
+    from trainer.step import TrainStep, resolve_amp, resolve_step_mode
 
-    from model import build_model
-
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench model: --device cuda, but no CUDA device is available")
+    if args.step == "graph" and device.type != "cuda":
+        raise SystemExit("bench model: --step graph captures the step in a CUDA graph; use --device cuda "
+                         "(on the CPU: --step eager or compile)")
+    if device.type == "cuda":  # what the trainer sets on CUDA
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    names = ("vit_local_small_patch16", "deit_small_patch16_224")
+    flags = ["--data", "synthetic", "--no-curriculum", "--batch-size", str(args.batch_size), "--device", args.device,
+             "--step", args.step, "--min-lr", "0"]  # no schedule here: the floor need not fit a small batch's lr
+    amp = resolve_amp(parse_args(flags).amp, device)
+    mode, note = resolve_step_mode(args.step, device, amp)  # graph with fp16 runs eagerly, as in the trainer
+    if note:
+        print(note, flush=True)
     rows = []
     for size in SIZES:
         times = {}
-        for name in ("vit_local_small_patch16", "deit_small_patch16_224"):
-            net = build_model(name, num_classes=1000, image_size=size)
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-            x = torch.randn(args.batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, 1000, (args.batch_size,))
+        for name in names:
+            cfg = parse_args([*flags, "--model", name, "--image-size", str(size)])
+            step = TrainStep.for_config(cfg, 1000, device, image_size=size, mode=mode)
+            # one batch as the pipeline hands it over: NHWC memory (a channels-last NCHW view), fp16 on CUDA; the
+            # default flags have no batch augmentation, so nothing modifies it in place between steps
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            x = torch.randn(args.batch_size, size, size, 3, device=device, dtype=dtype).permute(0, 3, 1, 2)
+            y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
-            def step(net=net, opt=opt, x=x, y=y) -> float:
+            def timed(step: TrainStep = step, x: torch.Tensor = x, y: torch.Tensor = y) -> float:
+                step.synchronize()
                 start = time.perf_counter()
-                loss = nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                step(x, y)
+                step.synchronize()
                 return time.perf_counter() - start
 
-            step()  # warm-up
-            times[name] = _median_of(args.repeats, step)
-        rows.append((size, times["vit_local_small_patch16"], times["deit_small_patch16_224"]))
+            for _ in range(step.settle_steps + 1):  # compile / warm-up and capture, then one steady step
+                step(x, y)
+            if step.settling:
+                raise RuntimeError(f"bench model: {name} at {size} px has not settled after its warm-up")
+            times[name] = _median_of(args.repeats, timed)
+            del step, x, y, timed
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append((size, times[names[0]], times[names[1]]))
         print(f"{size} px: ours {rows[-1][1] * 1e3:.0f} ms, DeiT-S {rows[-1][2] * 1e3:.0f} ms", flush=True)
-    _ratio_table(f"python tools/bench.py model --batch-size {args.batch_size} --repeats {args.repeats}   "
-                 f"(median step time of {args.repeats}, CPU)", ("locality ViT-S ms", "DeiT-S ms"),
+    _ratio_table(f"python tools/bench.py model --device {args.device} --step {args.step} --batch-size "
+                 f"{args.batch_size} --repeats {args.repeats}   (median step time of {args.repeats}, "
+                 f"{_device_name(device)}, {mode} step, amp {_amp_name(amp)})", ("locality ViT-S ms", "DeiT-S ms"),
                  [(size, ours * 1e3, deit * 1e3) for size, ours, deit in rows])
 
 
@@ -198,14 +235,14 @@ def bench_loop(args: argparse.Namespace) -> None:
     from trainer.budget import Budget
     from trainer.config import parse_args
     from trainer.loop import train
-    from trainer.profile import TrainStep
     from trainer.readout import Readout
     from trainer.rundir import RunDir
+    from trainer.step import TrainStep
 
     device = torch.device(args.device)
     flags = ["--data", "synthetic", "--model", args.model, "--image-size", str(args.size), "--no-curriculum",
              "--batch-size", str(args.batch_size), "--eval-every", "0", "--device", args.device,
-             "--budget", f"{args.seconds}s", "--log-every", "5"]
+             "--budget", f"{args.seconds}s", "--log-every", f"{min(5.0, args.seconds / 6):g}", "--step", args.step]
     cfg = parse_args(flags)
     steps_per_epoch = 50
     fake = Split(root=Path("synthetic"), files=("x",) * (steps_per_epoch * args.batch_size),
@@ -230,13 +267,18 @@ def bench_loop(args: argparse.Namespace) -> None:
         if not rates:
             raise SystemExit(f"bench loop: fewer than two metrics intervals in {args.seconds}s; raise --seconds")
         loops.append(statistics.median(rates))
-        step = TrainStep(cfg, 1000, device)
+        # the bare step: the trainer's own factory, mode resolved from the same flags (--step, --amp)
+        step = TrainStep.for_config(cfg, 1000, device, image_size=args.size)
+        warmup = max(3, step.settle_steps + 1)  # compile, or a graph's warm-up and capture, are not timed
         spec = StageSpec.on(device, image_size=args.size, batch_size=args.batch_size)
-        batches = SyntheticLoader(1000, spec, steps_per_epoch=args.steps + 3, device=device)
-        bares.append(time_batches(batches, args.steps, 3, device, work=step))
+        batches = SyntheticLoader(1000, spec, steps_per_epoch=args.steps + warmup, device=device)
+        bares.append(time_batches(batches, args.steps, warmup, device, work=step))
+        mode = step.mode
+        del step
     loop, bare = statistics.median(loops), statistics.median(bares)
     print(f"\n$ python tools/bench.py loop --model {args.model} --size {args.size} --batch-size {args.batch_size} "
-          f"--seconds {args.seconds} --device {args.device}   (medians of {args.repeats})")
+          f"--seconds {args.seconds} --device {args.device} --step {args.step}   (medians of {args.repeats}; "
+          f"{mode} step)")
     print(f"{'full loop img/s':>16} {'bare step img/s':>16} {'ratio':>6}")
     print(f"{loop:>16.0f} {bare:>16.0f} {loop / bare:>6.2f}")
 
@@ -344,6 +386,9 @@ def main() -> int:
     m = sub.add_parser("model", help="locality ViT-S vs DeiT-S training step")
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    m.add_argument("--step", default="eager", choices=("eager", "graph", "compile"),
+                   help="how TrainStep runs (graph: CUDA only)")
     lp = sub.add_parser("loop", help="the full loop on synthetic on-device data vs the bare step")
     lp.add_argument("--model", default="vit_local_tiny_patch16")
     lp.add_argument("--size", type=int, default=64)
@@ -352,6 +397,8 @@ def main() -> int:
     lp.add_argument("--steps", type=int, default=30)
     lp.add_argument("--repeats", type=int, default=3)
     lp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    lp.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"),
+                    help="the trainer's --step, for the loop and the bare step alike")
     si = sub.add_parser("small-images", help="small-image epochs: full-size JPEGs vs a pre-resized copy")
     si.add_argument("--copy-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128],
                     help="shorter sides of the pre-resized copies")

@@ -208,10 +208,13 @@ class TrainStep:
             loss = self._step(images, targets)
         elif self._graph is not None:
             assert self._static is not None and self._static_loss is not None
-            self._static[0].copy_(images)
-            self._static[1].copy_(targets)
+            for static, given in zip(self._static, (images, targets), strict=True):
+                if static.shape != given.shape:  # copy_ would broadcast a smaller batch silently
+                    raise ValueError(f"captured for a batch of shape {tuple(static.shape)}, given "
+                                     f"{tuple(given.shape)}: call prepare() when the batch changes")
+                static.copy_(given)
             self._graph.replay()
-            loss = self._static_loss
+            loss = self._static_loss.clone()  # the next replay overwrites the static loss
         elif self.times.steps < GRAPH_WARMUP_STEPS:
             loss = self._warmup(images, targets)
         else:
@@ -221,7 +224,9 @@ class TrainStep:
         return loss
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The step itself: what a graph captures, and what eager and compiled modes run as is."""
+        """The step itself: what a graph captures, and what eager and compiled modes run as is. Host-side values
+        computed here (the EMA's decay from ``self.steps``) are frozen into a capture: they must not change during a
+        stage (the EMA's decay is constant from its third step on, and a capture comes after three warm-up steps)."""
         graph = self.mode == "graph"  # the autocast cache must not outlive a capture
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None, cache_enabled=not graph):
             loss = self.augment.criterion(self.forward(images), targets)
@@ -259,9 +264,10 @@ class TrainStep:
             self._static_loss = self._step(*self._static)
         self._graph = graph
         graph.replay()
+        loss = self._static_loss.clone()
         torch.cuda.synchronize(self.device)  # once per stage: the capture's cost is then measured, not guessed
         self.times.capture_s = time.perf_counter() - start
-        return self._static_loss
+        return loss
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
