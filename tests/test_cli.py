@@ -167,7 +167,8 @@ def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset):
 def test_profile_mode_writes_its_table_json_and_trace(tmp_path, capsys, colour_dataset):
     out = tmp_path / "prof"
     argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--batch-size", "8", "--workers", "1",
-            "--image-size", "48", "--curriculum", "32:16:1", "--profile", "--profile-steps", "2", "--out", str(out)]
+            "--image-size", "48", "--curriculum", "32:16:1", "--profile", "--profile-steps", "2", "--out", str(out),
+            "--ema", "0.9"]  # the EMA copy follows the model across sizes, as in training
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "pipeline img/s" in printed and "bound" in printed

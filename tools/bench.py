@@ -178,9 +178,6 @@ def bench_model(args: argparse.Namespace) -> None:
     if args.step == "graph" and device.type != "cuda":
         raise SystemExit("bench model: --step graph captures the step in a CUDA graph; use --device cuda "
                          "(on the CPU: --step eager or compile)")
-    if device.type == "cuda":  # what the trainer sets on CUDA
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
     names = ("vit_local_small_patch16", "deit_small_patch16_224")
     flags = ["--data", "synthetic", "--no-curriculum", "--batch-size", str(args.batch_size), "--device", args.device,
              "--step", args.step, "--min-lr", "0"]  # no schedule here: the floor need not fit a small batch's lr

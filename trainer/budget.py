@@ -74,7 +74,9 @@ class StopGate:
     """
 
     SMOOTHING = 0.1  # weight of the newest step in the moving average
-    ENTRY_SAFETY = 1.5  # a stage entry is estimated from the previous one, scaled by tokens: keep a wide margin
+    # A stage entry is estimated from the last one scaled by tokens per image (an upper bound for its fixed parts:
+    # the rebuild, the capture), with the same safety factor as the reserved end.
+    ENTRY_SAFETY = 1.2
 
     def __init__(self, budget: Budget, charge_eval: bool = True) -> None:
         self.budget = budget

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from model import set_grid
 from model.flops import forward_flops
 from pipelines import Split, StageLoader, StageSpec
 from trainer.budget import Budget, StopGate
@@ -21,7 +20,6 @@ from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.evaluate import evaluate
 from trainer.hardware import peak_flops
 from trainer.readout import Readout
-from trainer.resize import resize_for_stage
 from trainer.rundir import RunDir, save_safetensors_atomic
 from trainer.schedule import lr_factor
 from trainer.step import (  # noqa: F401  (resolve_*, weight_decay_groups: re-exported for older imports)
@@ -126,9 +124,6 @@ class Trainer:
         if resume:
             self.state.attempt += 1
         torch.manual_seed(cfg.seed + self.state.attempt)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside autocast
 
         s = self.state
         self.step = TrainStep.for_config(cfg, len(train_split.classes), self.device,
@@ -203,10 +198,7 @@ class Trainer:
         s.batch_size = stage_batch_size(cfg.batch_size, size, self.plan.final, cfg.stage_batch,
                                         min(cfg.max_batch, len(self.train_split)))
         s.peak_lr = stage_lr(cfg.peak_lr, s.batch_size, cfg.batch_size)  # the schedule scales it step by step
-        self.step.prepare()  # before the resize: a captured graph still points at the old Parameter
-        resize_for_stage(self.net, self.step.optimizer, size)
-        if self.step.ema is not None:
-            set_grid(self.step.ema.module, size)
+        self.step.move_to(size)  # the captured graph dropped, the position embedding and its Adam moments resized
         self.train_batches.set_stage(self.spec(size, s.batch_size))
         rebuild_s = self.clock() - start
         self.train_flops = 3.0 * forward_flops(self.net, size)

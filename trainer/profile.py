@@ -13,7 +13,6 @@ from pipelines import Split, StageLoader
 from trainer.config import TrainConfig
 from trainer.hardware import peak_flops
 from trainer.loop import stage_spec
-from trainer.resize import resize_for_stage
 from trainer.rundir import write_json_atomic
 from trainer.step import TrainStep, resolve_device
 
@@ -65,8 +64,7 @@ def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], s
     peak = peak_flops(device)
     rows = []
     for size in sizes:
-        step.prepare()  # the trainer's stage change: a captured step is recaptured at the new shape
-        resize_for_stage(step.net, step.optimizer, size)
+        step.move_to(size)  # the trainer's stage change: a captured step is recaptured at the new shape
         spec = stage_spec(cfg, device, size, cfg.batch_size)
         loader = StageLoader(train_split, spec, train=True, device=device)
         pipeline_ips = time_batches(loader, steps, warmup, device)
@@ -76,6 +74,8 @@ def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], s
         y = torch.randint(0, len(train_split.classes), (cfg.batch_size,), device=device)
         synthetic = [(x, y)] * (steps + warmup)
         model_ips = time_batches(synthetic, steps, warmup, device, work=lambda i, t: step(i.clone(), t))
+        loader.close()
+        loader = StageLoader(train_split, spec, train=True, device=device)  # a fresh epoch for the loop
         loop_ips = time_batches(loader, steps, warmup, device, work=step)
         loader.close()
         flops = 3.0 * forward_flops(step.net, size)

@@ -15,9 +15,10 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from model import build_model
+from model import build_model, set_grid
 from trainer.augment import BatchAugment
 from trainer.config import TrainConfig
+from trainer.resize import resize_for_stage
 
 STEP_MODES = ("auto", "eager", "graph", "compile")
 # Eager steps before a capture: cuDNN autotuning, the optimizer's state and the allocator's pools settle first
@@ -58,6 +59,14 @@ def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None) 
         return "eager", ("--step graph: fp16's grad scaler checks for overflow on the host, which a captured step "
                          "cannot do; running the step eagerly (use --amp bf16 to capture)")
     return name, None
+
+
+def configure_backends(device: torch.device) -> None:
+    """What every step on CUDA runs with, trainer and benchmarks alike: cuDNN autotuning for the static shapes of a
+    stage, TF32 for whatever runs outside autocast."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
 
 
 def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -153,6 +162,7 @@ class TrainStep:
                    mode: str | None = None) -> TrainStep:
         """The model, optimizer, augmentation and EMA that ``cfg`` asks for, on ``device`` (what the trainer
         builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``."""
+        configure_backends(device)
         amp = resolve_amp(cfg.amp, device)
         if mode is None:
             mode, _ = resolve_step_mode(cfg.step, device, amp)
@@ -191,6 +201,14 @@ class TrainStep:
         self._graph = self._static = self._static_loss = None
         self.optimizer.zero_grad(set_to_none=True)  # the old gradients live in the old graph's pool
         torch.cuda.empty_cache()
+
+    def move_to(self, image_size: int) -> None:
+        """A stage change to ``image_size``: the captured graph is dropped first (it points at the old position
+        embedding), then the embedding is resized with its optimizer state, and the EMA copy's grid with it."""
+        self.prepare()
+        resize_for_stage(self.net, self.optimizer, image_size)
+        if self.ema is not None:
+            set_grid(self.ema.module, image_size)
 
     def set_lr(self, lr: float) -> None:
         if self._lr is not None:
