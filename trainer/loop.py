@@ -321,14 +321,16 @@ class Trainer:
         if not self.gate.charge_eval or self.gate.eval_s is not None:
             return
         batches = len(self.val_batches)
+        val = iter(self.val_batches)  # one pass, read in two parts: the first batch, then the next ones
         start = self.clock()
-        first = self.evaluate_model(self.evaluated, itertools.islice(self.val_batches, 1), self.amp)
+        first = self.evaluate_model(self.evaluated, itertools.islice(val, 1), self.amp)
         first_s = self.clock() - start
         rest_s, rest = 0.0, min(PROBE_BATCHES - 1, batches - 1)
         if rest > 0:
             t = self.clock()
-            self.evaluate_model(self.evaluated, itertools.islice(self.val_batches, rest), self.amp)
+            self.evaluate_model(self.evaluated, itertools.islice(val, rest), self.amp)
             rest_s = self.clock() - t
+        del val
         self.val_batches.close()  # a partial epoch: the first real evaluation starts a new one
         per_batch = rest_s / rest if rest > 0 else first_s
         # the build and first batch once more: the real first evaluation rebuilds, and a partial last batch is a
