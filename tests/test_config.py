@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.budget import Budget
-from trainer.config import DEMO_DEFAULTS, ConfigError, parse_args, parse_budget
+from trainer.config import DEMO_LAYER, ConfigError, parse_args, parse_budget
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("24h", 86400), ("90m", 5400), ("3m", 180), ("45s", 45),
@@ -23,13 +23,13 @@ def test_bad_budgets_are_refused(text):
 def test_demo_gets_cpu_sized_defaults_unless_overridden():
     demo = parse_args(["--data", "demo"])
     assert (demo.model, demo.image_size, demo.curriculum) == (
-        DEMO_DEFAULTS["model"], DEMO_DEFAULTS["image_size"], DEMO_DEFAULTS["curriculum"])
+        DEMO_LAYER["model"], DEMO_LAYER["image_size"], DEMO_LAYER["curriculum"])
     full = parse_args(["--data", "/some/imagenet"])
     assert (full.model, full.image_size, full.curriculum, full.batch_size, full.lr) == (
         "vit_local_small_patch16", 224, "32:32:5", 64, 1e-3)
     assert full.plan().size_at(30) == 224 and full.plan().size_at(4) == 32
     assert parse_args(["--data", "demo", "--image-size", "128"]).image_size == 128
-    assert parse_args(["--data", "demo", "--no-curriculum"]).plan().size_at(0) == DEMO_DEFAULTS["image_size"]
+    assert parse_args(["--data", "demo", "--no-curriculum"]).plan().size_at(0) == DEMO_LAYER["image_size"]
 
 
 def test_budget_can_fit_uses_the_clock():
@@ -77,3 +77,52 @@ def test_reserve_follows_the_measured_evaluation():
 def test_schedule_flags_are_checked(flags, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         parse_args(["--data", "x", *flags])
+
+
+def test_defaults_and_help_come_from_one_declaration():
+    from dataclasses import fields
+
+    from trainer.config import TrainConfig, build_parser, flag_name
+
+    parsed = parse_args(["--data", "x"])
+    declared = TrainConfig(data="x")
+    assert all(getattr(parsed, f.name) == getattr(declared, f.name) for f in fields(TrainConfig))
+    text = " ".join(build_parser().format_help().split())
+    for f in fields(TrainConfig):
+        if f.metadata.get("flag") is False:
+            continue
+        assert flag_name(f) in text
+    assert "--budget BUDGET wall-clock budget" in text and "(default: 24h)" in text
+    assert "(default: 224; 96 with --data demo)" in text
+
+
+def test_a_preset_file_with_an_unknown_key_is_refused(tmp_path, monkeypatch, capsys):
+    import trainer.presets as presets
+    from trainer.cli import main
+
+    (tmp_path / "mine.yaml").write_text("description: x\nmodel: vit_local_test_patch16\nlearning_rate: 0.1\n")
+    monkeypatch.setattr(presets, "FOLDER", tmp_path)
+    out = tmp_path / "run"
+    assert main(["--data", "demo", "--preset", "mine", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key 'learning_rate'" in err and "mine.yaml" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    (tmp_path / "mine.yaml").write_text("model: vit_local_test_patch16\nbudget: soon\n")
+    with pytest.raises(ConfigError, match="--budget: cannot read 'soon'"):
+        parse_args(["--data", "x", "--preset", "mine"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--data", "demo", "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit-train: error: --device cuda") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_flag_value_of_the_wrong_type_names_the_flag():
+    with pytest.raises(ConfigError, match="--batch-size: cannot read 'many'"):
+        parse_args(["--data", "x", "--batch-size", "many"])

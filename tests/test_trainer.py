@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from pipelines import Split
@@ -161,10 +162,29 @@ def test_the_gate_uses_settling_steps_as_an_upper_bound_then_the_moving_average(
     assert gate.step_s == pytest.approx(1.1)
     assert gate.entry_estimate(16) == pytest.approx(1.2 * 6.0 * 4)
     assert gate.entry_estimate(2) == pytest.approx(1.2 * 6.0)  # never scaled below the last entry
+    # an entry with a fixed part (rebuild, checkpoint: 4 s) before its settling step (2 s): only the step scales
+    gate.begin_stage(16)
+    now[0] += 4.0
+    now[0] += 2.0
+    gate.record_step(2.0, settling=True)
+    gate.stage_settled()
+    assert gate.entry_s == pytest.approx(6.0) and gate.entry_steps_s == pytest.approx(2.0)
+    assert gate.entry_estimate(64) == pytest.approx(1.2 * (4.0 + 2.0 * 4))
     gate.record_checkpoint(2.0)
     gate.record_eval(10.0)
     assert gate.reserve_s == pytest.approx((10.0 + 2 * 2.0) * 1.2 + 1.0)
-    now[0] = 100 - gate.reserve_s - 1.1
-    assert gate.should_continue()
+    now[0] = 100 - gate.reserve_s - gate.step_s  # the settling step's 2 s: the estimate until a steady one
+    assert gate.step_s == 2.0 and gate.should_continue()
     now[0] += 0.01
     assert not gate.should_continue()
+
+
+def test_the_ema_copy_follows_the_model_across_a_stage_change(tmp_path):
+    trainer, _ = _trainer(tmp_path, ["--image-size", "48", "--curriculum", "32:16:1", "--budget", "100s",
+                                     "--eval-every", "0", "--ema", "0.9"], step_s=1.0, eval_batch_s=0.1)
+    summary = trainer.run()
+    assert summary["stages_reached"] == 2 and summary["image_size"] == 48
+    ema, net = trainer.step.ema.module, trainer.net
+    assert ema.pos_embed.shape == net.pos_embed.shape == (1, 1 + 9, 96)
+    assert not torch.equal(ema.pos_embed, net.pos_embed)  # averaged, not copied
+    assert trainer.evaluated is ema

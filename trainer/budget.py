@@ -74,8 +74,8 @@ class StopGate:
     """
 
     SMOOTHING = 0.1  # weight of the newest step in the moving average
-    # A stage entry is estimated from the last one scaled by tokens per image (an upper bound for its fixed parts:
-    # the rebuild, the capture), with the same safety factor as the reserved end.
+    # A stage entry is estimated from the last one: its settling steps (warm-up, capture, compile) scaled by the
+    # tokens per image, its fixed part (rebuild, checkpoint) as it was, with the reserved end's safety factor.
     ENTRY_SAFETY = 1.2
 
     def __init__(self, budget: Budget, charge_eval: bool = True) -> None:
@@ -86,9 +86,11 @@ class StopGate:
         self.eval_estimate_s = 0.0  # before any evaluation: from a probe of the val pipeline and model
         self.checkpoint_s = 0.0  # the last checkpoint's measured write time
         self.entry_s: float | None = None  # the last stage entry's measured cost
+        self.entry_steps_s = 0.0  # the part of it spent in settling steps (grows with the tokens per image)
         self.entry_tokens = 0
         self._entry_start: float | None = None
         self._steady = False
+        self._settle_s = 0.0
         self._update_reserve()
 
     def _update_reserve(self) -> None:
@@ -116,7 +118,8 @@ class StopGate:
         """Seconds to enter a stage of ``tokens`` patches per image, from the last entry; None before any."""
         if self.entry_s is None:
             return None
-        return self.ENTRY_SAFETY * self.entry_s * max(1.0, tokens / max(1, self.entry_tokens))
+        fixed = self.entry_s - self.entry_steps_s  # rebuild, checkpoint: the same at any size
+        return self.ENTRY_SAFETY * (fixed + self.entry_steps_s * max(1.0, tokens / max(1, self.entry_tokens)))
 
     def can_enter_stage(self, tokens: int) -> bool:
         """Is there time to enter a stage (rebuild, warm up, capture) and still end in time? The first stage
@@ -127,7 +130,7 @@ class StopGate:
     def begin_stage(self, tokens: int) -> None:
         self._entry_start = self.budget.elapsed
         self.entry_tokens = tokens
-        self.step_s, self._steady = None, False
+        self.step_s, self._steady, self._settle_s = None, False, 0.0
 
     def record_step(self, seconds: float, settling: bool) -> None:
         """A step took ``seconds`` of wall time (data wait included). While the step is ``settling`` (warm-up,
@@ -135,6 +138,7 @@ class StopGate:
         is still the estimate for the next (an upper bound), so a stage's first steps count in the decision."""
         if settling:
             self.step_s = seconds
+            self._settle_s += seconds
             return
         if not self._steady:  # the first steady step replaces the settling estimate
             self._steady = True
@@ -147,6 +151,7 @@ class StopGate:
         """The step reached its steady form: the stage's entry cost is measured (rebuild to the end of capture)."""
         if self._entry_start is not None:
             self.entry_s = self.budget.elapsed - self._entry_start
+            self.entry_steps_s = min(self._settle_s, self.entry_s)
             self._entry_start = None
 
     def should_continue(self) -> bool:

@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
-from trainer.presets import PresetError, load_preset
+from trainer.presets import PresetError, load_preset, preset_path
 from trainer.schedule import SCHEDULES
 
 PATCH_SIZE = 16
 DEMO = "demo"
 PAPER_CURRICULUM = "32:32:5"  # the paper's best: start at 32 px, +32 px every 5 epochs, up to --image-size
-# What --data demo trains unless told otherwise: sized so a 2-core CPU crosses three curriculum stages and learns
-# the demo in minutes.
-DEMO_DEFAULTS = {"model": "vit_local_tiny_patch16", "image_size": 96, "curriculum": "32:32:1"}
-FULL_DEFAULTS = {"model": "vit_local_small_patch16", "image_size": 224, "curriculum": PAPER_CURRICULUM}
+# What --data demo trains unless told otherwise, over the defaults: sized so a 2-core CPU crosses three curriculum
+# stages and learns the demo in minutes; lr 8e-3 for batch 512 is a peak lr of 1e-3 at batch 64.
+DEMO_LAYER: dict[str, Any] = {"model": "vit_local_tiny_patch16", "image_size": 96, "curriculum": "32:32:1",
+                              "lr": 8e-3}
 
 _BUDGET_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -41,6 +42,17 @@ def _parse_duration(flag: str, text: str) -> float:
         raise ConfigError(str(e).replace("--budget", flag)) from None
 
 
+def format_duration(seconds: float) -> str:
+    """86400 -> '24h', 1800 -> '30m', 5400 -> '1h30m', 45 -> '45s' (what parse_budget reads back)."""
+    parts, rest = [], float(seconds)
+    for unit in ("h", "m", "s"):
+        n = int(rest // _UNIT_SECONDS[unit]) if unit != "s" else rest
+        if n:
+            parts.append(f"{n:g}{unit}")
+            rest -= n * _UNIT_SECONDS[unit]
+    return "".join(parts) or "0"
+
+
 def parse_budget(text: str) -> float:
     """'24h', '90m', '3m', '45s', '1h30m' or plain seconds ('600') -> seconds (> 0)."""
     text = text.strip().lower()
@@ -56,52 +68,96 @@ def parse_budget(text: str) -> float:
     return seconds
 
 
+def _duration(flag: str, zero: bool = False) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if zero and str(value).strip() in ("0", "none"):
+            return 0.0
+        return _parse_duration(flag, str(value))
+    return parse
+
+
+def _sizes(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, type: Callable[[Any], Any] | None = None,  # noqa: A002
+        choices: tuple[str, ...] | None = None, show: Callable[[Any], str] | None = None,
+        metavar: str | None = None, action: str | None = None) -> Any:
+    """One field of the configuration, declared once: its default, its flag (``--name`` from the field's name
+    unless ``flag`` says otherwise), how a flag's text or a preset's value becomes the field's value (``type``),
+    its choices and its help; the command line, its help text and the layering are all derived from this."""
+    return field(default=default, metadata={"help": help, "flag": flag, "type": type, "choices": choices,
+                                            "show": show, "metavar": metavar, "action": action})
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    out: str | None = None
-    model: str = FULL_DEFAULTS["model"]
-    act: str = "hswish"
-    image_size: int = FULL_DEFAULTS["image_size"]  # the final size F
-    curriculum: str | None = PAPER_CURRICULUM  # None: F from the first epoch
-    eval_size: int | None = None  # None: F
-    batch_size: int = 64
-    stage_batch: str = "fixed"
-    max_batch: int = 1024
-    lr: float = 1e-3  # for a batch of 512 (DeiT's rule): the peak lr is lr * batch_size / 512
-    lr_schedule: str = "cosine-time"
-    min_lr: float = 1e-5
-    warmup_s: float = 0.0
-    epochs: int | None = None  # the horizon of --lr-schedule cosine-epochs
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    drop_path: float | None = None  # None: the model's default
-    budget_s: float = 24 * 3600.0
-    device: str = "auto"
-    amp: str = "auto"
-    step: str = "auto"  # how the training step runs: auto | eager | graph | compile (trainer/step.py)
-    workers: int = 0
-    data_handoff: str = "host"  # GPU batches reach the step: host-synchronized, or ordered on the torch stream
-    seed: int = 0
-    eval_every: int = 1
-    ckpt_every_s: float = 1800.0
-    log_every_s: float = 10.0
-    interp: str = "bilinear"  # resize interpolation (the paper's text: bilinear; the authors' code: bicubic)
-    min_area: float = 0.08  # random-resized-crop area range [min_area, 1]
-    source_ratio: float = 2.0  # read the smallest prepared copy whose shorter side is >= this x the stage size
-    randaug: int = 0  # RandAugment magnitude on timm's 0..10 scale (0: off); DeiT: 9
-    randaug_n: int = 2  # RandAugment operations per image
-    mixup: float = 0.0  # mixup alpha (0: off); DeiT: 0.8
-    cutmix: float = 0.0  # cutmix alpha (0: off); DeiT: 1.0
-    mix_switch_prob: float = 0.5  # chance of cutmix rather than mixup when both are on
-    reprob: float = 0.0  # random erasing probability; DeiT: 0.25
-    ema: float = 0.0  # EMA decay of the weights (0: off); evaluated when on
-    budget_counts: str = "all"  # "train": evaluation time is not charged to the budget (the paper's count)
-    preset: str | None = None
-    profile: bool = False  # --profile: measure where the time goes instead of training
-    profile_sizes: str | None = None  # "32,64": default, every stage size of the plan
-    profile_steps: int = 20
-    preset_overrides: list[str] = field(default_factory=list)  # flags given that changed a preset's value
+    data: str = opt(None, "ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' for the "
+                          "built-in generated dataset")
+    out: str | None = opt(None, "run directory (default: runs/<timestamp>)")
+    preset: str | None = opt(None, "a named configuration (see --list-presets); flags given override it")
+    budget_s: float = opt(24 * 3600.0, "wall-clock budget: 24h, 90m, 3m, 45s, 1h30m or seconds", flag="--budget",
+                          type=_duration("--budget"), show=format_duration)
+    budget_counts: str = opt("all", "charge everything to the budget (all) or training only (train, the paper's "
+                                    "count)", choices=("all", "train"))
+    model: str = opt("vit_local_small_patch16", "the network", choices=MODELS)
+    act: str = opt("hswish", "FFN activation of the locality models (gelu: the paper's ablation)",
+                   choices=tuple(sorted(ACTIVATIONS)))
+    image_size: int = opt(224, f"final train size and eval size, a multiple of {PATCH_SIZE}", type=int)
+    curriculum: str | None = opt(PAPER_CURRICULUM, "image-size curriculum: start at S px, add M px every N "
+                                                   "epochs, up to --image-size", metavar="S:M:N")
+    eval_size: int | None = opt(None, "evaluation size (default: --image-size)", type=int)
+    batch_size: int = opt(64, "images per step", type=int)
+    stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "
+                                    "root)", choices=("fixed", "tokens"))
+    max_batch: int = opt(1024, "cap for --stage-batch tokens", type=int)
+    lr: float = opt(1e-3, "lr for a batch of 512 (DeiT's rule): the peak lr is lr x batch / 512", type=float)
+    lr_schedule: str = opt("cosine-time", "time schedules anneal over the budget; cosine-epochs over --epochs",
+                           choices=SCHEDULES)
+    min_lr: float = opt(1e-5, "the schedules' floor", type=float)
+    warmup_s: float = opt(0.0, "linear warm-up time, e.g. 5m", flag="--warmup", type=_duration("--warmup", zero=True),
+                          show=lambda v: format_duration(v) if v else "none")
+    epochs: int | None = opt(None, "horizon of --lr-schedule cosine-epochs", type=int)
+    weight_decay: float = opt(0.05, "AdamW weight decay, not on 1-D params", type=float)
+    label_smoothing: float = opt(0.1, "label smoothing", type=float)
+    drop_path: float | None = opt(None, "stochastic depth rate (default: the model's)", type=float)
+    interp: str = opt("bilinear", "resize interpolation (the paper's text: bilinear; the authors' code: bicubic)",
+                      choices=("bilinear", "bicubic"))
+    min_area: float = opt(0.08, "random-resized-crop minimum area fraction", type=float)
+    source_ratio: float = opt(2.0, "with a dataset prepared at several --max-size copies: read, per stage, the "
+                                   "smallest copy whose shorter side is at least this times the stage size",
+                              type=float)
+    randaug: int = opt(0, "RandAugment magnitude 1..10 on timm's scale (0: off; DeiT 9)", type=int)
+    randaug_n: int = opt(2, "RandAugment operations per image", type=int)
+    mixup: float = opt(0.0, "mixup alpha (0: off; DeiT 0.8)", type=float)
+    cutmix: float = opt(0.0, "cutmix alpha (0: off; DeiT 1.0)", type=float)
+    mix_switch_prob: float = opt(0.5, "chance of cutmix instead of mixup when both are on", type=float)
+    reprob: float = opt(0.0, "random erasing probability (0: off; DeiT 0.25)", type=float)
+    ema: float = opt(0.0, "EMA decay of the weights, evaluated when on (0: off)", type=float)
+    device: str = opt("auto", "training device (auto: cuda when available)", choices=("auto", "cpu", "cuda"))
+    amp: str = opt("auto", "autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off",
+                   choices=("auto", "bf16", "fp16", "off"))
+    step: str = opt("auto", "how each training step runs: graph captures the whole step in one CUDA graph per "
+                            "stage (bf16 or fp32 on CUDA), compile uses torch.compile, eager runs it op by op "
+                            "(auto: graph on CUDA unless --amp fp16, else eager)",
+                    choices=("auto", "eager", "graph", "compile"))
+    workers: int = opt(0, "DALI CPU threads (0: one per core)", type=int)
+    data_handoff: str = opt("host", "GPU batches: host waits on the host for each decoded batch; stream makes the "
+                                    "training stream wait for it on the device, so the host never blocks on GPU "
+                                    "work", choices=("host", "stream"))
+    seed: int = opt(0, "random seed", type=int)
+    eval_every: int = opt(1, "evaluate every K epochs (0: only at the end)", type=int)
+    ckpt_every_s: float = opt(1800.0, "checkpoint period (also at each stage change and the end)",
+                              flag="--ckpt-every", type=_duration("--ckpt-every"), show=format_duration)
+    log_every_s: float = opt(10.0, "seconds between metrics lines", flag="--log-every", type=float)
+    profile: bool = opt(False, "instead of training: time the pipeline alone, the model step alone and the full "
+                               "loop at each stage size, print a table, write profile.json and a torch.profiler "
+                               "trace", action="store_true")
+    profile_sizes: str | None = opt(None, "comma-separated sizes for --profile (default: the plan's stage sizes)",
+                                    type=_sizes)
+    profile_steps: int = opt(20, "timed steps per measurement for --profile", type=int)
+    # not a flag: the flags given that changed a preset's value, as "--flag value (preset: value)"
+    preset_overrides: list[str] = field(default_factory=list, metadata={"flag": False})
 
     @property
     def peak_lr(self) -> float:
@@ -125,101 +181,68 @@ class TrainConfig:
         return self.eval_size or self.image_size
 
 
+def _flag_fields() -> list[Field]:
+    return [f for f in fields(TrainConfig) if f.metadata.get("flag") is not False]
+
+
+def flag_name(f: Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _key(f: Field) -> str:
+    """A field's name in preset files: its flag without the dashes (``budget``, ``image_size``)."""
+    return flag_name(f)[2:].replace("-", "_")
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+
+
+def _convert(f: Field, value: Any, source: str) -> Any:
+    """A flag's text or a preset's value -> the field's value, checked against its choices."""
+    meta = f.metadata
+    if value is None or meta.get("action"):
+        return value
+    if meta.get("type") is not None:
+        try:
+            value = meta["type"](value)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{flag_name(f)}: cannot read {value!r}{source}") from None
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{flag_name(f)}: {value!r}{source} is not one of {', '.join(meta['choices'])}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2: no usage block for a single wrong flag
         self.exit(2, f"vit-train: error: {message}\n")
 
 
-# Flag defaults by argparse dest; the layers above them: the demo's, then a preset's, then the flags given.
-DEFAULTS: dict[str, Any] = {
-    "out": None, "budget": "24h", "model": FULL_DEFAULTS["model"], "act": "hswish",
-    "image_size": FULL_DEFAULTS["image_size"], "curriculum": PAPER_CURRICULUM, "no_curriculum": False,
-    "eval_size": None, "batch_size": 64, "stage_batch": "fixed", "max_batch": 1024, "lr": 1e-3,
-    "lr_schedule": "cosine-time", "min_lr": 1e-5, "warmup": "0", "epochs": None, "weight_decay": 0.05,
-    "label_smoothing": 0.1, "drop_path": None, "device": "auto", "amp": "auto", "step": "auto", "workers": 0,
-    "data_handoff": "host",
-    "seed": 0, "eval_every": 1, "log_every": 10.0, "ckpt_every": "30m", "interp": "bilinear", "min_area": 0.08,
-    "source_ratio": 2.0,
-    "randaug": 0, "randaug_n": 2, "mixup": 0.0, "cutmix": 0.0, "mix_switch_prob": 0.5, "reprob": 0.0, "ema": 0.0,
-    "budget_counts": "all", "profile": False, "profile_sizes": None, "profile_steps": 20,
-}
-# --data demo: sized so a 2-core CPU crosses three curriculum stages and learns the demo in minutes; lr 8e-3 for
-# batch 512 is a peak lr of 1e-3 at batch 64.
-DEMO_LAYER = {"model": DEMO_DEFAULTS["model"], "image_size": DEMO_DEFAULTS["image_size"],
-              "curriculum": DEMO_DEFAULTS["curriculum"], "lr": 8e-3}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
+    """The command line, derived from the fields of TrainConfig (and four flags that are not fields)."""
     p = _Parser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
                 argument_default=argparse.SUPPRESS)
-    add = p.add_argument
-    add("--data", help="ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' "
-                       "for the built-in generated dataset")
-    add("--preset", help="a named configuration (see --list-presets); flags given override it")
-    add("--list-presets", action="store_true", help="print the presets and exit")
-    add("--out", help="run directory (default: runs/<timestamp>)")
-    add("--budget", help=f"wall-clock budget: 24h, 90m, 3m, 45s, 1h30m (default {d['budget']})")
-    add("--budget-counts", choices=("all", "train"),
-        help="charge everything to the budget (all, the default) or training only (train, the paper's count)")
-    add("--model", choices=MODELS,
-        help=f"default {FULL_DEFAULTS['model']} ({DEMO_DEFAULTS['model']} with --data demo)")
-    add("--act", choices=sorted(ACTIVATIONS), help="FFN activation of the locality models (gelu: the paper's ablation)")
-    add("--image-size", type=int, help=f"final train size and eval size, a multiple of {PATCH_SIZE} (default "
-                                       f"{FULL_DEFAULTS['image_size']}; {DEMO_DEFAULTS['image_size']} with demo)")
-    add("--curriculum", metavar="S:M:N",
-        help=f"image-size curriculum: start at S px, add M px every N epochs, up to --image-size "
-             f"(default {PAPER_CURRICULUM}; {DEMO_DEFAULTS['curriculum']} with --data demo)")
-    add("--no-curriculum", action="store_true", help="train at --image-size from the first epoch")
-    add("--eval-size", type=int, help="evaluation size (default: --image-size)")
-    add("--batch-size", type=int, help=f"default {d['batch_size']}")
-    add("--stage-batch", choices=("fixed", "tokens"),
-        help="tokens: scale the batch by (final/size)^2 at small stages (lr by its square root)")
-    add("--max-batch", type=int, help=f"cap for --stage-batch tokens (default {d['max_batch']})")
-    add("--lr", type=float, help="lr for a batch of 512, scaled by batch/512 (default 1e-3; 8e-3 with demo)")
-    add("--lr-schedule", choices=SCHEDULES,
-        help="time schedules anneal over the budget; cosine-epochs over --epochs (default cosine-time)")
-    add("--min-lr", type=float, help=f"the schedules' floor (default {d['min_lr']})")
-    add("--warmup", help="linear warm-up time, e.g. 5m (default: none, as the paper)")
-    add("--epochs", type=int, help="horizon of --lr-schedule cosine-epochs")
-    add("--weight-decay", type=float, help=f"AdamW weight decay, not on 1-D params (default {d['weight_decay']})")
-    add("--label-smoothing", type=float, help=f"default {d['label_smoothing']}")
-    add("--drop-path", type=float, help="stochastic depth rate (default: the model's)")
-    add("--interp", choices=("bilinear", "bicubic"), help="resize interpolation (default bilinear)")
-    add("--min-area", type=float, help="random-resized-crop minimum area fraction (default 0.08)")
-    add("--source-ratio", type=float,
-        help="with a dataset prepared at several --max-size copies: read, per stage, the smallest copy whose "
-             "shorter side is at least this times the stage size (default 2)")
-    add("--randaug", type=int, help="RandAugment magnitude 1..10 on timm's scale (default 0: off; DeiT 9)")
-    add("--randaug-n", type=int, help="RandAugment operations per image (default 2)")
-    add("--mixup", type=float, help="mixup alpha (default 0: off; DeiT 0.8)")
-    add("--cutmix", type=float, help="cutmix alpha (default 0: off; DeiT 1.0)")
-    add("--mix-switch-prob", type=float, help="chance of cutmix instead of mixup when both are on (default 0.5)")
-    add("--reprob", type=float, help="random erasing probability (default 0: off; DeiT 0.25)")
-    add("--ema", type=float, help="EMA decay of the weights, evaluated when on (default 0: off)")
-    add("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    add("--amp", choices=("auto", "bf16", "fp16", "off"),
-        help="autocast dtype on CUDA (auto: bf16 where supported, else fp16 + grad scaler); CPU: off")
-    add("--step", choices=("auto", "eager", "graph", "compile"),
-        help="how each training step runs: graph captures the whole step in one CUDA graph per stage (bf16 or "
-             "fp32 on CUDA), compile uses torch.compile, eager runs it op by op (auto: graph on CUDA unless "
-             "--amp fp16, else eager)")
-    add("--compile", dest="step", action="store_const", const="compile", help="same as --step compile")
-    add("--workers", type=int, help="DALI CPU threads (default 0: one per core)")
-    add("--data-handoff", choices=("host", "stream"),
-        help="GPU batches: host waits on the host for each decoded batch (default); stream makes the training "
-             "stream wait for it on the device, so the host never blocks on GPU work")
-    add("--seed", type=int, help="default 0")
-    add("--eval-every", type=int, help="evaluate every K epochs (0: only at the end; default 1)")
-    add("--log-every", type=float, help="seconds between metrics lines (default 10)")
-    add("--ckpt-every", help="checkpoint period (also at each stage change and the end; default 30m)")
-    add("--profile", action="store_true",
-        help="instead of training: time the pipeline alone, the model step alone and the full loop at each stage "
-             "size, print a table, write profile.json and a torch.profiler trace")
-    add("--profile-sizes", help="comma-separated sizes for --profile (default: the plan's stage sizes)")
-    add("--profile-steps", type=int, help="timed steps per measurement for --profile (default 20)")
-    add("--resume", metavar="RUN_DIR",
-        help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
+    for f in _flag_fields():
+        meta, default = f.metadata, _default(f)
+        shown = meta["show"](default) if meta.get("show") else default
+        demo = f"; {DEMO_LAYER[f.name]} with --data demo" if f.name in DEMO_LAYER else ""
+        help_text = meta["help"] + (f" (default: {shown}{demo})" if default is not None and not meta.get("action")
+                                    else "")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
+        if meta.get("action"):
+            kwargs["action"] = meta["action"]
+        else:
+            kwargs["metavar"] = meta.get("metavar") or ("{" + ",".join(meta["choices"]) + "}" if meta.get("choices")
+                                                         else _key(f).upper())
+        p.add_argument(flag_name(f), **kwargs)
+    p.add_argument("--no-curriculum", dest="curriculum", action="store_const", const=None,
+                   help="train at --image-size from the first epoch")
+    p.add_argument("--compile", dest="step", action="store_const", const="compile", help="same as --step compile")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest readable checkpoint, with its own configuration")
     return p
 
 
@@ -241,52 +264,45 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly).
 
-    Layers, each over the one before: the defaults, the demo's (with ``--data demo``), a preset's, the flags
-    given. With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
+    Layers, each over the one before: the fields' defaults, the demo's (with ``--data demo``), a preset's, the
+    flags given. With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
     """
     given = vars(build_parser().parse_args(argv))
-    if given.get("list_presets"):
+    if given.pop("list_presets", False):
         raise ListPresets()
     if "resume" in given:
-        return load_run_config(Path(given["resume"]))
-    if "data" not in given:
+        cfg = load_run_config(Path(given["resume"]))
+        _check(cfg)
+        return cfg
+    if given.get("data") is None:
         raise ConfigError("--data is required (an ImageNet-layout folder or 'demo'), or --resume RUN_DIR")
-    raw = dict(DEFAULTS)
+    by_name = {f.name: f for f in _flag_fields()}
+    values = {name: _default(f) for name, f in by_name.items()}
     if given["data"] == DEMO:
-        raw.update(DEMO_LAYER)
+        values.update(DEMO_LAYER)
     overrides: list[str] = []
     if "preset" in given:
+        by_key = {_key(f): f for f in _flag_fields()}
         try:
             preset = load_preset(given["preset"])
         except PresetError as e:
             raise ConfigError(str(e)) from None
-        raw.update(preset)
-        overrides = [f"--{k.replace('_', '-')} {given[k]} (preset: {preset[k]})"
-                     for k in sorted(given) if k in preset and given[k] != preset[k]]
-    raw.update(given)
-    cfg = _build(raw)
-    cfg.preset_overrides = overrides
-    return cfg
-
-
-def _build(raw: dict[str, Any]) -> TrainConfig:
-    r = raw
-    cfg = TrainConfig(
-        data=r["data"], out=r["out"], model=r["model"], act=r["act"], image_size=r["image_size"],
-        curriculum=None if r["no_curriculum"] else r["curriculum"], eval_size=r["eval_size"],
-        batch_size=r["batch_size"], stage_batch=r["stage_batch"], max_batch=r["max_batch"], lr=r["lr"],
-        weight_decay=r["weight_decay"], label_smoothing=r["label_smoothing"], drop_path=r["drop_path"],
-        lr_schedule=r["lr_schedule"], min_lr=r["min_lr"], epochs=r["epochs"],
-        warmup_s=0.0 if str(r["warmup"]).strip() in ("0", "none") else _parse_duration("--warmup", str(r["warmup"])),
-        budget_s=parse_budget(str(r["budget"])), device=r["device"], amp=r["amp"], step=r["step"],
-        workers=r["workers"], data_handoff=r["data_handoff"], seed=r["seed"], eval_every=r["eval_every"],
-        log_every_s=r["log_every"],
-        ckpt_every_s=_parse_duration("--ckpt-every", str(r["ckpt_every"])), interp=r["interp"],
-        min_area=r["min_area"], source_ratio=r["source_ratio"], randaug=r["randaug"], randaug_n=r["randaug_n"],
-        mixup=r["mixup"], cutmix=r["cutmix"], mix_switch_prob=r["mix_switch_prob"], reprob=r["reprob"], ema=r["ema"],
-        budget_counts=r["budget_counts"], preset=r.get("preset"), profile=r["profile"],
-        profile_sizes=r["profile_sizes"], profile_steps=r["profile_steps"],
-    )
+        source = f" in preset {given['preset']} ({preset_path(given['preset'])})"
+        for key, value in preset.items():
+            if key not in by_key:
+                raise ConfigError(f"preset file {preset_path(given['preset'])}: unknown key {key!r} (not a "
+                                  f"vit-train flag)")
+            f = by_key[key]
+            converted = _convert(f, value, source)
+            values[f.name] = converted
+            if f.name in given and given[f.name] != converted and f.name != "preset":
+                shown = f.metadata["show"] if f.metadata.get("show") else (lambda v: v)
+                overrides.append(f"{flag_name(f)} {shown(_convert(f, given[f.name], ''))} (preset: {value})")
+        values["preset"] = given["preset"]
+    for name, value in given.items():
+        values[name] = _convert(by_name[name], value, "")
+    cfg = TrainConfig(**values)
+    cfg.preset_overrides = sorted(overrides)
     _check(cfg)
     return cfg
 
@@ -350,3 +366,8 @@ def _check(cfg: TrainConfig) -> None:
             raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")
+    if cfg.device == "cuda":
+        import torch  # only here: every other check runs before the heavy imports
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")

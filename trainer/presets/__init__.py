@@ -27,9 +27,13 @@ def describe_presets() -> list[str]:
     return lines
 
 
+def preset_path(name: str) -> Path:
+    return FOLDER / f"{name}.yaml"
+
+
 def load_preset(name: str) -> dict[str, Any]:
     """The preset's flag values by argparse dest (``image_size``, ``budget``, ...), without its description."""
-    path = FOLDER / f"{name}.yaml"
+    path = preset_path(name)
     if not path.is_file():
         raise PresetError(f"--preset: unknown preset {name!r}; choose from {', '.join(preset_names())}")
     values = yaml.safe_load(path.read_text()) or {}
