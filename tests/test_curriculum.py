@@ -59,3 +59,36 @@ def test_token_batch_rule():
     assert stage_batch_size(64, 32, 224, "tokens", 1024) == 1024  # 49x, capped
     assert stage_batch_size(64, 160, 224, "tokens", 1024) == 120  # 125.4 rounded down to a multiple of 8
     assert stage_lr(1e-3, 256, 64) == pytest.approx(2e-3)
+
+
+def test_time_placed_plan_reaches_the_final_size_at_its_share_of_the_budget():
+    plan = CurriculumPlan.parse("32:32@60%", final=224)
+    assert plan.timed and [s.image_size for s in plan.stages()] == [32, 64, 96, 128, 160, 192, 224]
+    starts = plan.starts
+    assert starts[0] == 0 and starts[-1] == pytest.approx(0.6)
+    # the stages before the final share [0, 60%] in proportion to their image side
+    spans = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert spans == pytest.approx([0.6 * side / sum(range(32, 224, 32)) for side in range(32, 224, 32)])
+    assert plan.stage_at_fraction(0.0) == 0 and plan.stage_at_fraction(0.599) == 5
+    assert plan.stage_at_fraction(0.6) == 6 and plan.stage_at_fraction(1.0) == 6
+    assert [s.starts_at for s in plan.stages()] == pytest.approx(list(starts), abs=1e-6)
+    assert all(s.first_epoch is None for s in plan.stages())
+    with pytest.raises(PlanError, match="no stage per epoch"):
+        plan.stage_at(3)
+
+
+@pytest.mark.parametrize(("text", "needle"), [("32:32@0%", "within the budget"), ("32:32@100%", "within the budget"),
+                                              ("32:32@soon", "START:STEP@SHARE"), ("32@60%", "START:STEP@SHARE"),
+                                              ("40:32@50%", "multiple of the patch size")])
+def test_bad_time_placed_plans_are_refused(text, needle):
+    with pytest.raises(PlanError, match=needle):
+        CurriculumPlan.parse(text, final=224)
+
+
+def test_a_bad_time_placed_plan_exits_2_naming_the_flag(capsys, tmp_path):
+    from trainer.cli import main
+
+    assert main(["--data", "demo", "--curriculum", "32:32@120%", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit-train: error: --curriculum") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,11 @@ class TickingStep:
         return self._step(images, labels, lr=lr)
 
 
+def _synthetic(split, spec, *, train: bool, device):
+    return SyntheticLoader(len(split.classes), spec, steps_per_epoch=STEPS_PER_EPOCH if train else VAL_BATCHES,
+                           device=device)
+
+
 def _trainer(tmp_path: Path, flags: list[str], *, step_s: float = 1.0, settle_s: float = 1.0,
              eval_batch_s: float = 0.5) -> tuple[Trainer, FakeClock]:
     cfg = parse_args(["--data", "synthetic", "--model", "vit_local_test_patch16", "--batch-size", "4", "--lr", "1e-2",
@@ -53,14 +58,10 @@ def _trainer(tmp_path: Path, flags: list[str], *, step_s: float = 1.0, settle_s:
     n = STEPS_PER_EPOCH * cfg.batch_size
     split = Split(root=Path("synthetic"), files=("x",) * n, labels=(0,) * n, classes=("a", "b", "c"))
 
-    def loader(split, spec, *, train: bool, device):
-        return SyntheticLoader(len(split.classes), spec, steps_per_epoch=STEPS_PER_EPOCH if train else VAL_BATCHES,
-                               device=device)
-
     clock = FakeClock()
     budget = Budget(cfg.budget_s, clock=clock)
     readout = Readout(cfg.budget_s, clock=lambda: budget.elapsed, live=False, console=Console(file=io.StringIO()))
-    trainer = Trainer(cfg, split, split, RunDir(tmp_path / "run"), readout, budget, loader=loader)
+    trainer = Trainer(cfg, split, split, RunDir(tmp_path / "run"), readout, budget, loader=_synthetic)
     trainer.step = TickingStep(trainer.step, clock, step_s, settle_s)
 
     def ticking_evaluate(net, batches, amp):
@@ -188,3 +189,67 @@ def test_the_ema_copy_follows_the_model_across_a_stage_change(tmp_path):
     assert ema.pos_embed.shape == net.pos_embed.shape == (1, 1 + 9, 96)
     assert not torch.equal(ema.pos_embed, net.pos_embed)  # averaged, not copied
     assert trainer.evaluated is ema
+
+
+def _stage_starts(trainer: Trainer) -> list[tuple[int, float]]:
+    return [(e["image_size"], e["elapsed_s"]) for e in _events(trainer, "stage")]
+
+
+def test_a_budget_too_short_for_the_epoch_form_still_reaches_the_final_size_in_the_time_form(tmp_path):
+    # An epoch is 5 steps of 1 s. The epoch form 32:16:5 needs 25 s of training before its second stage: in a 20-s
+    # budget it never leaves 32 px. The time form 32:16@50% reaches 64 px at half the budget.
+    flags = ["--image-size", "64", "--budget", "20s", "--eval-every", "0"]
+    epochs, _ = _trainer(tmp_path / "e", [*flags, "--curriculum", "32:16:5"], step_s=1.0, eval_batch_s=0.05)
+    assert epochs.run()["stages_reached"] == 1
+    timed, _ = _trainer(tmp_path / "t", [*flags, "--curriculum", "32:16@50%"], step_s=1.0, eval_batch_s=0.05)
+    summary = timed.run()
+    assert summary["image_size"] == 64 and summary["stages_reached"] == 3
+    starts = _stage_starts(timed)
+    assert [size for size, _ in starts] == [32, 48, 64]
+    # 32 and 48 px share the first 50% by image side: 48 px begins at 50% x 32/80 = 20% (4 s), 64 px at 10 s; each
+    # change comes at the first step boundary after its moment, mid-epoch (epochs end at 5-s multiples here)
+    probe_s = _events(timed, "eval_probe")[0]["elapsed_s"]
+    assert 4.0 <= starts[1][1] < 4.0 + 1.0 + 1e-9 and starts[1][1] != probe_s + 5.0
+    assert 10.0 <= starts[2][1] < 10.0 + 1.0 + 1e-9
+    assert summary["elapsed_s"] <= 20
+    # a pass cut short by a stage change counts for what it read
+    assert summary["epochs"] == pytest.approx(summary["images_seen"] / (STEPS_PER_EPOCH * 4))
+
+
+def test_a_resumed_time_placed_run_keeps_its_plan(tmp_path):
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+    from trainer.loop import StopFlag, StopRequested
+
+    flags = ["--image-size", "64", "--curriculum", "32:16@50%", "--budget", "20s", "--eval-every", "0"]
+    first, clock = _trainer(tmp_path / "a", flags, step_s=1.0, eval_batch_s=0.05)
+    first.stop = StopFlag()
+    real_step = first.step
+
+    class StopAfter:  # SIGTERM after the 7th step: 48 px reached (4 s), 64 px (10 s) not yet
+        def __getattr__(self, name):
+            return getattr(real_step, name)
+
+        def __call__(self, *a, **k):
+            loss = real_step(*a, **k)
+            if real_step.steps >= 7:
+                first.stop.reason = "SIGTERM"
+            return loss
+
+    first.step = StopAfter()
+    with pytest.raises(StopRequested):
+        first.run()
+    payload = load_checkpoint(list_checkpoints(first.run_dir.path / "checkpoints")[-1])
+    assert payload["state"]["image_size"] == 48 and 7 <= payload["budget_spent_s"] < 10
+
+    # a new process: its clock starts anew, the budget account carries over
+    cfg = first.cfg
+    budget = Budget(cfg.budget_s, clock=clock, spent_before=payload["budget_spent_s"])
+    readout = Readout(cfg.budget_s, clock=lambda: budget.elapsed, live=False, console=Console(file=io.StringIO()))
+    second = Trainer(cfg, first.train_split, first.val_split, RunDir(first.run_dir.path), readout, budget,
+                     resume=payload, loader=_synthetic)
+    second.step = TickingStep(second.step, clock, 1.0, 1.0)
+    summary = second.run()
+    assert summary["image_size"] == 64 and summary["attempts"] == 2
+    resumed = [(e["image_size"], e["elapsed_s"]) for e in _events(second, "stage")]
+    assert resumed[-1][0] == 64 and 10.0 <= resumed[-1][1] < 11.0 + 1e-9  # the same moment as in one process
+    assert summary["elapsed_s"] <= 20

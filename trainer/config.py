@@ -105,7 +105,9 @@ class TrainConfig:
                    choices=tuple(sorted(ACTIVATIONS)))
     image_size: int = opt(224, f"final train size and eval size, a multiple of {PATCH_SIZE}", type=int)
     curriculum: str | None = opt(PAPER_CURRICULUM, "image-size curriculum: start at S px, add M px every N "
-                                                   "epochs, up to --image-size", metavar="S:M:N")
+                                                   "epochs, up to --image-size (S:M:N); or reach --image-size when "
+                                                   "P%% of the budget is spent, the stages before sharing that "
+                                                   "time (S:M@P%%)", metavar="S:M:N|S:M@P%")
     eval_size: int | None = opt(None, "evaluation size (default: --image-size)", type=int)
     batch_size: int = opt(64, "images per step", type=int)
     stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "

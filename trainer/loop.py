@@ -74,12 +74,19 @@ def device_memory(device: torch.device) -> dict[str, float]:
 
 
 def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> list[str]:
-    lines = [f"{'stage':>5} {'epochs':>9} {'size':>5} {'tokens':>6} {'batch':>5}"]
+    """The plan as printed at start: per stage its epochs (epoch form) or the moment of the budget it begins."""
+    when = "begins at" if plan.timed else "epochs"
+    lines = [f"{'stage':>5} {when:>16} {'size':>5} {'tokens':>6} {'batch':>5}"]
     for s in plan.stages():
-        epochs = f"{s.first_epoch}-{s.last_epoch}" if s.last_epoch is not None else f"{s.first_epoch}+"
+        if s.starts_at is not None:
+            at = s.starts_at * cfg.budget_s
+            span = f"{100 * s.starts_at:.1f}% ({at / 3600:.2f}h)" if at >= 3600 else f"{100 * s.starts_at:.1f}% " \
+                   f"({at:.0f}s)"
+        else:
+            span = f"{s.first_epoch}-{s.last_epoch}" if s.last_epoch is not None else f"{s.first_epoch}+"
         batch = stage_batch_size(cfg.batch_size, s.image_size, plan.final, cfg.stage_batch,
                                  min(cfg.max_batch, train_images))
-        lines.append(f"{s.index:>5} {epochs:>9} {s.image_size:>5} {s.tokens:>6} {batch:>5}")
+        lines.append(f"{s.index:>5} {span:>16} {s.image_size:>5} {s.tokens:>6} {batch:>5}")
     return lines
 
 
@@ -173,28 +180,35 @@ class Trainer:
                 break
         return self.finish()
 
+    def target_stage(self) -> int:
+        """The stage the plan asks for now: by completed epochs, or by the share of the budget spent."""
+        if self.plan.timed:
+            return self.plan.stage_at_fraction(self.budget.fraction)
+        return self.plan.stage_at(self.state.epoch)
+
     def stage_due(self) -> bool:
-        return not self.stages_closed and self.plan.stage_at(self.state.epoch) != self.state.stage
+        return not self.stages_closed and self.target_stage() > self.state.stage
 
     def enter_stage(self) -> bool:
         """Stage change at an epoch boundary: new size and batch, position embedding and optimizer state resized,
         the loader rebuilt (the old pipeline freed), the step re-prepared (a captured graph is recaptured), a
         checkpoint. A stage whose entry cannot fit in what is left is not entered: the run goes on at its size."""
         s, cfg = self.state, self.cfg
-        size = self.plan.size_at(s.epoch)
+        target = self.target_stage()
+        size = self.plan.size_of(target)
         if s.stage >= 0 and not self.gate.can_enter_stage(self.tokens(size)):
             self.stages_closed = True
             estimate = self.gate.entry_estimate(self.tokens(size)) or 0.0
-            self.run_dir.log("stage_skipped", stage=self.plan.stage_at(s.epoch), image_size=size,
+            self.run_dir.log("stage_skipped", stage=target, image_size=size,
                              entry_estimate_s=round(estimate, 3), remaining_s=round(self.budget.remaining, 3),
                              elapsed_s=round(self.budget.elapsed, 3))
-            self.readout.message(f"stage {self.plan.stage_at(s.epoch)} ({size} px) not entered: entering it takes "
+            self.readout.message(f"stage {target} ({size} px) not entered: entering it takes "
                                  f"~{estimate:.1f}s and {self.budget.remaining:.1f}s are left; training on at "
                                  f"{s.image_size} px")
             return False
         start = self.clock()
         self.gate.begin_stage(self.tokens(size))
-        s.stage, s.image_size = self.plan.stage_at(s.epoch), size
+        s.stage, s.image_size = target, size
         s.batch_size = stage_batch_size(cfg.batch_size, size, self.plan.final, cfg.stage_batch,
                                         min(cfg.max_batch, len(self.train_split)))
         s.peak_lr = stage_lr(cfg.peak_lr, s.batch_size, cfg.batch_size)  # the schedule scales it step by step
@@ -234,6 +248,8 @@ class Trainer:
             self.maybe_checkpoint()
             if s.epoch_step >= steps:  # a resumed epoch ends after its remaining steps
                 break
+            if self.plan.timed and self.stage_due():
+                break  # a time-placed stage begins mid-epoch: this pass ends, the next stage starts a fresh one
             fetch_start = self.clock()
         s.epoch += 1
         s.epoch_step = 0
@@ -280,7 +296,8 @@ class Trainer:
         save_safetensors_atomic(self.evaluated.state_dict(), self.run_dir.path / "model.safetensors")
         return {
             "top1": self.last_eval["top1"], "top5": self.last_eval["top5"],
-            "epochs": round(s.epoch + s.epoch_progress, 4), "steps": s.step,
+            # passes over the data: a pass cut short by a time-placed stage change counts for what it read
+            "epochs": round(s.images_seen / len(self.train_split), 4), "steps": s.step,
             "images_seen": s.images_seen, "elapsed_s": round(self.budget.elapsed, 3), "train_s": round(train_s, 3),
             "budget_s": self.cfg.budget_s, "overshoot_s": round(self.budget.elapsed - self.cfg.budget_s, 3),
             "stop_reason": "budget", "model": self.cfg.model, "image_size": s.image_size,
