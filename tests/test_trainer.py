@@ -198,7 +198,7 @@ def _stage_starts(trainer: Trainer) -> list[tuple[int, float]]:
 def test_a_budget_too_short_for_the_epoch_form_still_reaches_the_final_size_in_the_time_form(tmp_path):
     # An epoch is 5 steps of 1 s. The epoch form 32:16:5 needs 25 s of training before its second stage: in a 20-s
     # budget it never leaves 32 px. The time form 32:16@50% reaches 64 px at half the budget.
-    flags = ["--image-size", "64", "--budget", "20s", "--eval-every", "0"]
+    flags = ["--image-size", "64", "--budget", "20s", "--eval-every", "0", "--log-every", "0.5"]
     epochs, _ = _trainer(tmp_path / "e", [*flags, "--curriculum", "32:16:5"], step_s=1.0, eval_batch_s=0.05)
     assert epochs.run()["stages_reached"] == 1
     timed, _ = _trainer(tmp_path / "t", [*flags, "--curriculum", "32:16@50%"], step_s=1.0, eval_batch_s=0.05)
@@ -212,6 +212,9 @@ def test_a_budget_too_short_for_the_epoch_form_still_reaches_the_final_size_in_t
     assert 4.0 <= starts[1][1] < 4.0 + 1.0 + 1e-9 and starts[1][1] != probe_s + 5.0
     assert 10.0 <= starts[2][1] < 10.0 + 1.0 + 1e-9
     assert summary["elapsed_s"] <= 20
+    # the plan in epochs, from the measured speed, once per stage
+    plans = _events(timed, "plan")
+    assert [p["stage"] for p in plans] == [0, 1, 2] and set(plans[0]["projected_epochs"]) == {"32", "48", "64"}
     # a pass cut short by a stage change counts for what it read
     assert summary["epochs"] == pytest.approx(summary["images_seen"] / (STEPS_PER_EPOCH * 4))
 

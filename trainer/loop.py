@@ -158,6 +158,7 @@ class Trainer:
         self.loss: torch.Tensor | None = None
         self.last_eval: dict[str, float] | None = None
         self.stages_closed = False  # a stage could not be entered in time: the run stays at its current size
+        self._projected: set[int] = set()  # stages whose time-placed plan was projected into epochs
         self.wait_s = 0.0  # time the loop waited on the loader since the last metrics line
         self.last_log_t, self.last_log_images = budget.elapsed, s.images_seen
         self.last_ckpt_t = budget.elapsed
@@ -400,7 +401,25 @@ class Trainer:
                       **device_memory(self.device))
         self.run_dir.log("train", **fields)
         self.readout.update(**fields)
+        if self.plan.timed and s.stage not in self._projected:
+            self.project_plan(ips)
         self.last_log_t, self.last_log_images, self.wait_s = now, s.images_seen, 0.0
+
+    def project_plan(self, ips: float) -> None:
+        """The time-placed plan in epochs, from this stage's measured speed: other stages' speeds are scaled by
+        image side, as the plan's time split assumes (logged once per stage, as a ``plan`` event)."""
+        s = self.state
+        self._projected.add(s.stage)
+        starts = (*self.plan.starts, 1.0)
+        epochs = {}
+        for k in range(self.plan.num_stages):
+            seconds = (starts[k + 1] - starts[k]) * self.cfg.budget_s
+            stage_ips = ips * s.image_size / self.plan.size_of(k)
+            epochs[self.plan.size_of(k)] = round(seconds * stage_ips / len(self.train_split), 2)
+        self.run_dir.log("plan", stage=s.stage, images_per_sec=round(ips, 2), projected_epochs=epochs,
+                         elapsed_s=round(self.budget.elapsed, 3))
+        self.readout.message("projected epochs per stage at this pace: "
+                             + ", ".join(f"{size} px {n:g}" for size, n in epochs.items()))
 
     def maybe_checkpoint(self) -> None:
         if self.budget.elapsed - self.last_ckpt_t >= self.cfg.ckpt_every_s:
