@@ -212,6 +212,23 @@ def test_a_budget_too_short_for_the_epoch_form_still_reaches_the_final_size_in_t
     assert 4.0 <= starts[1][1] < 4.0 + 1.0 + 1e-9 and starts[1][1] != probe_s + 5.0
     assert 10.0 <= starts[2][1] < 10.0 + 1.0 + 1e-9
     assert summary["elapsed_s"] <= 20
+    # no periodic evaluation after a pass cut short (--eval-every 1 here would have evaluated after each)
+    cut, _ = _trainer(tmp_path / "c", [*flags[:4], "--eval-every", "1", "--log-every", "0.5",
+                                       "--curriculum", "32:16@50%"], step_s=1.0, eval_batch_s=0.05)
+    cut.run()
+    cut.run_dir.close()
+    events = [json.loads(line) for line in (cut.run_dir.path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    pass_start, last_step, checked = 0, 0, 0
+    for e in events:  # every train step is logged here (1-s steps, 0.5-s interval)
+        if e["event"] == "train":
+            last_step = e["step"]
+        elif e["event"] == "stage":
+            pass_start = last_step  # a new pass begins at every stage change
+        elif e["event"] == "eval" and e is not evals[-1]:  # periodic ones: after whole passes only
+            assert e["step"] - pass_start == STEPS_PER_EPOCH
+            pass_start, checked = e["step"], checked + 1
+    assert checked >= 1
     # the plan in epochs, from the measured speed, once per stage
     plans = _events(timed, "plan")
     assert [p["stage"] for p in plans] == [0, 1, 2] and set(plans[0]["projected_epochs"]) == {"32", "48", "64"}

@@ -159,6 +159,7 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None
         self.stages_closed = False  # a stage could not be entered in time: the run stays at its current size
         self._projected: set[int] = set()  # stages whose time-placed plan was projected into epochs
+        self.pass_cut = False  # the last pass ended early, at a time-placed stage change
         self.wait_s = 0.0  # time the loop waited on the loader since the last metrics line
         self.last_log_t, self.last_log_images = budget.elapsed, s.images_seen
         self.last_ckpt_t = budget.elapsed
@@ -250,7 +251,8 @@ class Trainer:
             if s.epoch_step >= steps:  # a resumed epoch ends after its remaining steps
                 break
             if self.plan.timed and self.stage_due():
-                break  # a time-placed stage begins mid-epoch: this pass ends, the next stage starts a fresh one
+                self.pass_cut = True  # a time-placed stage begins mid-epoch: this pass ends, the next starts afresh
+                break
             fetch_start = self.clock()
         s.epoch += 1
         s.epoch_step = 0
@@ -280,8 +282,11 @@ class Trainer:
                              capture_s=round(self.step.times.capture_s, 4), elapsed_s=round(now, 3))
 
     def end_epoch(self) -> None:
+        """The periodic evaluation, after whole epochs only (not after a pass cut short by a stage change)."""
+        cut, self.pass_cut = self.pass_cut, False
         self.last_eval = None
-        if self.cfg.eval_every and self.state.epoch % self.cfg.eval_every == 0 and self.gate.can_evaluate():
+        if (not cut and self.cfg.eval_every and self.state.epoch % self.cfg.eval_every == 0
+                and self.gate.can_evaluate()):
             self.evaluate()
 
     def finish(self) -> dict[str, Any]:
