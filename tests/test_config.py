@@ -126,3 +126,26 @@ def test_device_cuda_without_cuda_is_one_line_exit_2_and_writes_nothing(tmp_path
 def test_a_flag_value_of_the_wrong_type_names_the_flag():
     with pytest.raises(ConfigError, match="--batch-size: cannot read 'many'"):
         parse_args(["--data", "x", "--batch-size", "many"])
+
+
+def test_the_readme_flag_table_covers_every_flag_with_its_declared_default():
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from trainer.config import TrainConfig, flag_name
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)` \| `([^`]+)`", readme, re.M))  # single-flag rows with a default
+    for f in fields(TrainConfig):
+        if f.metadata.get("flag") is False:
+            continue
+        flag = flag_name(f)
+        assert f"`{flag}`" in readme, f"README's flag table lacks {flag}"
+        if flag in rows and f.default is not None:
+            shown = f.metadata["show"](f.default) if f.metadata.get("show") else f.default
+            documented = rows[flag]
+            if isinstance(shown, float):
+                assert float(documented) == shown, flag
+            else:
+                assert documented == str(shown), flag
