@@ -10,8 +10,8 @@ from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index
 from tests.conftest import CLASS_COLOURS
 from trainer.augment import BatchAugment
 from trainer.config import ConfigError, parse_args
-from trainer.loop import weight_decay_groups
 from trainer.presets import preset_names
+from trainer.step import weight_decay_groups
 
 RECIPE = dict(randaug=9, mixup=0.8, cutmix=1.0, reprob=0.25, interp="bicubic", budget_counts="train",
               lr_schedule="cosine-epochs", epochs=300, batch_size=64, lr=1e-3, weight_decay=0.05,

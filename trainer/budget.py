@@ -93,10 +93,16 @@ class StopGate:
         self._settle_s = 0.0
         self._update_reserve()
 
+    @property
+    def _eval_cost(self) -> float:
+        """What an evaluation is expected to charge: the last measured, else the probe's estimate; 0 uncharged."""
+        if not self.charge_eval:
+            return 0.0
+        return self.eval_s if self.eval_s is not None else self.eval_estimate_s
+
     def _update_reserve(self) -> None:
-        eval_s = (self.eval_s if self.eval_s is not None else self.eval_estimate_s) if self.charge_eval else 0.0
         # the final checkpoint, and the final weights (model.safetensors, smaller than a checkpoint) after it
-        self.budget.reserve_s = end_reserve(eval_s, 0.0, 2 * self.checkpoint_s)
+        self.budget.reserve_s = end_reserve(self._eval_cost, 0.0, 2 * self.checkpoint_s)
 
     @property
     def reserve_s(self) -> float:
@@ -160,5 +166,4 @@ class StopGate:
 
     def can_evaluate(self) -> bool:
         """Time for a periodic evaluation, then at least one more step, and the reserved end?"""
-        eval_s = self.eval_s if self.eval_s is not None else self.eval_estimate_s
-        return self.budget.can_start((eval_s if self.charge_eval else 0.0) + (self.step_s or 0.0))
+        return self.budget.can_start(self._eval_cost + (self.step_s or 0.0))

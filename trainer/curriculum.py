@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 
 class PlanError(ValueError):
@@ -92,7 +93,7 @@ class CurriculumPlan:
     def size_at(self, epoch: int) -> int:
         return self.size_of(self.stage_at(epoch))
 
-    @property
+    @cached_property  # read at every step of a time-placed run: computed once
     def starts(self) -> tuple[float, ...]:
         """The time form: the budget fraction at which each stage begins (the final one at ``until``).
 

@@ -22,14 +22,13 @@ from trainer.hardware import peak_flops
 from trainer.readout import Readout
 from trainer.rundir import RunDir, save_safetensors_atomic
 from trainer.schedule import lr_factor
-from trainer.step import (  # noqa: F401  (resolve_*, weight_decay_groups: re-exported for older imports)
+from trainer.step import (
     TrainStep,
     load_optimizer_state,
     optimizer_state_dict,
     resolve_amp,
     resolve_device,
     resolve_step_mode,
-    weight_decay_groups,
 )
 
 EVAL_BATCH = 128

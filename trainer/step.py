@@ -77,10 +77,9 @@ def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, A
 
 def make_optimizer(net: nn.Module, weight_decay: float, lr: float, device: torch.device,
                    graph: bool) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA; for a captured step also capturable, with the lr a device tensor the host sets."""
-    cuda = device.type == "cuda"
-    lr_value: float | torch.Tensor = torch.tensor(lr, dtype=torch.float32, device=device) if graph else lr
-    return torch.optim.AdamW(weight_decay_groups(net, weight_decay), lr=lr_value, fused=cuda, capturable=graph)
+    """AdamW, fused on CUDA; for a captured step also capturable (TrainStep then makes its lr a device tensor)."""
+    return torch.optim.AdamW(weight_decay_groups(net, weight_decay), lr=lr, fused=device.type == "cuda",
+                             capturable=graph)
 
 
 def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
