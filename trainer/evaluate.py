@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import torch
@@ -15,7 +14,6 @@ def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     """Counts stay on the device until the end: one host sync per evaluation, not per batch."""
     was_training = net.training
     net.eval()
-    start = time.monotonic()
     correct1 = correct5 = seen = None
     for images, labels in batches:
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -29,5 +27,4 @@ def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     net.train(was_training)
     if not seen:
         raise ValueError("evaluation split yielded no images")
-    return {"top1": correct1.item() / seen, "top5": correct5.item() / seen, "images": seen,
-            "eval_s": time.monotonic() - start}
+    return {"top1": correct1.item() / seen, "top5": correct5.item() / seen, "images": seen}
