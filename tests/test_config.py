@@ -20,16 +20,54 @@ def test_bad_budgets_are_refused(text):
         parse_budget(text)
 
 
-def test_demo_gets_cpu_sized_defaults_unless_overridden():
+def test_demo_gets_cpu_sized_data_defaults_unless_overridden():
     demo = parse_args(["--data", "demo"])
-    assert (demo.model, demo.image_size, demo.curriculum) == (
-        DEMO_LAYER["model"], DEMO_LAYER["image_size"], DEMO_LAYER["curriculum"])
+    assert (demo.model, demo.image_size) == (DEMO_LAYER["model"], DEMO_LAYER["image_size"])
     full = parse_args(["--data", "/some/imagenet"])
-    assert (full.model, full.image_size, full.curriculum, full.batch_size, full.lr) == (
-        "vit_local_small_patch16", 224, "32:32:5", 64, 1e-3)
-    assert full.plan().size_at(30) == 224 and full.plan().size_at(4) == 32
+    assert (full.model, full.image_size, full.batch_size) == ("vit_local_small_patch16", 224, 64)
+    assert full.plan().stages()[-1].image_size == 224 and full.plan().stages()[0].image_size == 32
     assert parse_args(["--data", "demo", "--image-size", "128"]).image_size == 128
     assert parse_args(["--data", "demo", "--no-curriculum"]).plan().size_at(0) == DEMO_LAYER["image_size"]
+
+
+def test_one_default_recipe_for_the_demo_and_any_folder():
+    """Peak lr, warm-up, schedule and curriculum do not depend on where the data comes from."""
+    recipe = ("lr", "peak_lr", "warmup", "warmup_fraction", "lr_schedule", "min_lr", "curriculum")
+    demo, folder = parse_args(["--data", "demo"]), parse_args(["--data", "/some/folder"])
+    assert not set(DEMO_LAYER) & set(recipe)
+    assert [getattr(demo, k) for k in recipe] == [getattr(folder, k) for k in recipe]
+    assert folder.peak_lr == pytest.approx(1e-3) and folder.warmup_fraction == pytest.approx(0.05)
+
+
+def test_the_auto_curriculum_is_placed_in_time_on_cuda_and_fixed_on_the_cpu():
+    from trainer.config import DEFAULT_CURRICULUM, auto_curriculum
+
+    assert auto_curriculum("cuda") == DEFAULT_CURRICULUM and auto_curriculum("cpu") is None
+    plan = parse_args(["--data", "x", "--curriculum", DEFAULT_CURRICULUM]).plan()
+    assert plan.timed and [s.image_size for s in plan.stages()] == [32, 64, 96, 128, 160, 192, 224]
+    assert parse_args(["--data", "x", "--device", "cpu"]).curriculum is None  # resolved once: config.json keeps it
+    assert parse_args(["--data", "x", "--device", "cpu", "--curriculum", "auto"]).curriculum is None
+    assert parse_args(["--data", "x", "--curriculum", "32:32:5"]).curriculum == "32:32:5"
+
+
+@pytest.mark.parametrize("name", ["paper-ours", "paper-ours-fixed-size", "paper-ours-gelu", "paper-deit-s",
+                                  "paper-localvit-s"])
+def test_paper_presets_pin_their_recipe_so_the_defaults_never_leak_in(name):
+    from trainer.presets import load_preset
+
+    preset = load_preset(name)
+    for key in ("model", "image_size", "curriculum", "lr", "lr_schedule", "min_lr", "warmup", "batch_size"):
+        assert key in preset, f"{name} does not set {key}"
+    cfg = parse_args(["--data", "x", "--preset", name])
+    assert cfg.warmup_fraction == 0 and cfg.peak_lr == pytest.approx(1.25e-4)
+
+
+@pytest.mark.parametrize(("text", "canonical", "fraction"), [("5%", "5%", 0.05), ("0", "0", 0.0),
+                                                             ("none", "0", 0.0), ("6m", "6m", 0.1),
+                                                             ("360", "6m", 0.1), ("2.5%", "2.5%", 0.025)])
+def test_warmup_is_a_time_or_a_share_of_the_budget(text, canonical, fraction):
+    cfg = parse_args(["--data", "x", "--budget", "1h", "--warmup", text])
+    assert cfg.warmup == canonical and cfg.warmup_fraction == pytest.approx(fraction)
 
 
 def test_budget_can_fit_uses_the_clock():
@@ -70,8 +108,10 @@ def test_reserve_follows_the_measured_evaluation():
     [
         (["--lr-schedule", "cosine-epochs"], "needs --epochs"),
         (["--min-lr", "0.1"], "--min-lr must lie in"),
-        (["--warmup", "2h", "--budget", "1h"], "--warmup (7200s) must be shorter"),
+        (["--warmup", "2h", "--budget", "1h"], "--warmup (2h) must be shorter than --budget (1h)"),
         (["--warmup", "soon"], "--warmup: cannot read"),
+        (["--warmup", "100%"], "--warmup must be a share in (0%, 100%)"),
+        (["--warmup", "x%"], "--warmup: cannot read 'x%'"),
     ],
 )
 def test_schedule_flags_are_checked(flags, needle):

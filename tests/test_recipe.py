@@ -142,7 +142,7 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, colour_dataset):
     out = tmp_path / "run"
     argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--image-size", "48",
             "--no-curriculum", "--batch-size", "8", "--workers", "1", "--budget", "8s", "--out", str(out),
-            "--ema", "0.9",
+            "--ema", "0.9", "--warmup", "0",
             "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--randaug", "5"]
     assert main(argv) == 0  # the EMA across a stage change: tests/test_trainer.py, on a fake clock
     payload = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])

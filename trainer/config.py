@@ -17,11 +17,14 @@ from trainer.schedule import SCHEDULES
 
 PATCH_SIZE = 16
 DEMO = "demo"
-PAPER_CURRICULUM = "32:32:5"  # the paper's best: start at 32 px, +32 px every 5 epochs, up to --image-size
-# What --data demo trains unless told otherwise, over the defaults: sized so a 2-core CPU crosses three curriculum
-# stages and learns the demo in minutes; lr 8e-3 for batch 512 is a peak lr of 1e-3 at batch 64.
-DEMO_LAYER: dict[str, Any] = {"model": "vit_local_tiny_patch16", "image_size": 96, "curriculum": "32:32:1",
-                              "lr": 8e-3}
+# The default recipe, the same for the demo and any folder (chosen by the recipe x dataset x budget table in
+# BENCHMARKS.md): on CUDA, the paper's sizes placed in the budget, so the final size is reached at 60% of it at any
+# speed; on the CPU, where a small stage's step is not cheaper per image, a fixed size; a peak lr of 1e-3 at batch 64
+# (8e-3 per 512); a linear warm-up over the first 5% of the budget.
+DEFAULT_CURRICULUM = "32:32@60%"  # what --curriculum auto (the default) means on CUDA; on the CPU, a fixed size
+# What --data demo changes, over the defaults: its data, not its recipe. The demo's images are generated at 64-500 px
+# and it is meant to learn in minutes on a 2-core CPU, so a tiny model at 96 px.
+DEMO_LAYER: dict[str, Any] = {"model": "vit_local_tiny_patch16", "image_size": 96}
 
 _BUDGET_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -76,8 +79,35 @@ def _duration(flag: str, zero: bool = False) -> Callable[[Any], float]:
     return parse
 
 
+def _warmup(value: Any) -> str:
+    """'5%' (a share of the budget), a time ('5m', '300') or none ('0', 'none') -> its canonical text."""
+    text = str(value).strip().lower()
+    if text in ("0", "0%", "none", "0s"):
+        return "0"
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"--warmup: cannot read {value!r}; use a time (5m) or a share of the budget (5%)") \
+                from None
+        if not 0 < share < 100:
+            raise ConfigError(f"--warmup must be a share in (0%, 100%) of the budget, got {value!r}")
+        return f"{share:g}%"
+    return format_duration(_parse_duration("--warmup", text))
+
+
 def _sizes(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def auto_curriculum(device: str) -> str | None:
+    """--curriculum auto: the time-placed plan where small stages are cheaper per image (CUDA, the captured step),
+    a fixed size on the CPU, where they are not (measured: BENCHMARKS.md, 'Curriculum forms on three datasets')."""
+    if device == "auto":
+        import torch  # only for the default device: every flag check runs before the heavy imports otherwise
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return DEFAULT_CURRICULUM if device == "cuda" else None
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, type: Callable[[Any], Any] | None = None,  # noqa: A002
@@ -104,21 +134,22 @@ class TrainConfig:
     act: str = opt("hswish", "FFN activation of the locality models (gelu: the paper's ablation)",
                    choices=tuple(sorted(ACTIVATIONS)))
     image_size: int = opt(224, f"final train size and eval size, a multiple of {PATCH_SIZE}", type=int)
-    curriculum: str | None = opt(PAPER_CURRICULUM, "image-size curriculum: start at S px, add M px every N "
-                                                   "epochs, up to --image-size (S:M:N); or reach --image-size when "
-                                                   "P%% of the budget is spent, the stages before sharing that "
-                                                   "time (S:M@P%%)", metavar="S:M:N|S:M@P%")
+    curriculum: str | None = opt("auto", "image-size curriculum: start at S px, add M px every N epochs, up to "
+                                         "--image-size (S:M:N); or reach --image-size when P%% of the budget is "
+                                         "spent, the stages before sharing that time (S:M@P%%); auto: "
+                                         f"{DEFAULT_CURRICULUM.replace('%', '%%')} on CUDA, a fixed size on the CPU",
+                                 metavar="S:M:N|S:M@P%|auto")
     eval_size: int | None = opt(None, "evaluation size (default: --image-size)", type=int)
     batch_size: int = opt(64, "images per step", type=int)
     stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "
                                     "root)", choices=("fixed", "tokens"))
     max_batch: int = opt(1024, "cap for --stage-batch tokens", type=int)
-    lr: float = opt(1e-3, "lr for a batch of 512 (DeiT's rule): the peak lr is lr x batch / 512", type=float)
+    lr: float = opt(8e-3, "lr for a batch of 512 (DeiT's rule): the peak lr is lr x batch / 512", type=float)
     lr_schedule: str = opt("cosine-time", "time schedules anneal over the budget; cosine-epochs over --epochs",
                            choices=SCHEDULES)
     min_lr: float = opt(1e-5, "the schedules' floor", type=float)
-    warmup_s: float = opt(0.0, "linear warm-up time, e.g. 5m", flag="--warmup", type=_duration("--warmup", zero=True),
-                          show=lambda v: format_duration(v) if v else "none")
+    warmup: str = opt("5%", "linear warm-up: a time (5m) or a share of the budget (5%%)", type=_warmup,
+                      show=lambda v: "none" if v == "0" else v)
     epochs: int | None = opt(None, "horizon of --lr-schedule cosine-epochs", type=int)
     weight_decay: float = opt(0.05, "AdamW weight decay, not on 1-D params", type=float)
     label_smoothing: float = opt(0.1, "label smoothing", type=float)
@@ -160,6 +191,17 @@ class TrainConfig:
     profile_steps: int = opt(20, "timed steps per measurement for --profile", type=int)
     # not a flag: the flags given that changed a preset's value, as "--flag value (preset: value)"
     preset_overrides: list[str] = field(default_factory=list, metadata={"flag": False})
+
+    def __post_init__(self) -> None:
+        if self.curriculum == "auto":  # resolved once, so config.json (and a resume) keeps the concrete plan
+            self.curriculum = auto_curriculum(self.device)
+
+    @property
+    def warmup_fraction(self) -> float:
+        """The share of the budget the warm-up takes (0 without one)."""
+        if self.warmup.endswith("%"):
+            return float(self.warmup[:-1]) / 100
+        return parse_budget(self.warmup) / self.budget_s if self.warmup != "0" else 0.0
 
     @property
     def peak_lr(self) -> float:
@@ -230,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         meta, default = f.metadata, _default(f)
         shown = meta["show"](default) if meta.get("show") else default
         demo = f"; {DEMO_LAYER[f.name]} with --data demo" if f.name in DEMO_LAYER else ""
-        help_text = meta["help"] + (f" (default: {shown}{demo})" if default is not None and not meta.get("action")
-                                    else "")
+        shown = f"{shown}{demo}".replace("%", "%%")  # argparse formats help with %
+        help_text = meta["help"] + (f" (default: {shown})" if default is not None and not meta.get("action") else "")
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if meta.get("action"):
             kwargs["action"] = meta["action"]
@@ -258,6 +300,8 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     if saved.get("compile") and "step" not in saved:  # written before --step existed
         saved["step"] = "compile"
+    if "warmup_s" in saved and "warmup" not in saved:  # written when the warm-up was a time only
+        saved["warmup"] = _warmup(saved["warmup_s"])
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     cfg.out = str(run_dir)
     return cfg
@@ -337,8 +381,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("--lr-schedule cosine-epochs needs --epochs N (a positive number of epochs)")
     if not 0 <= cfg.min_lr <= cfg.peak_lr:
         raise ConfigError(f"--min-lr must lie in [0, the peak lr {cfg.peak_lr:g}], got {cfg.min_lr}")
-    if cfg.warmup_s >= cfg.budget_s:
-        raise ConfigError(f"--warmup ({cfg.warmup_s:.0f}s) must be shorter than --budget ({cfg.budget_s:.0f}s)")
+    if cfg.warmup_fraction >= 1:
+        raise ConfigError(f"--warmup ({cfg.warmup}) must be shorter than --budget ({format_duration(cfg.budget_s)})")
     if cfg.act != "hswish" and cfg.model not in LOCALITY_MODELS:
         raise ConfigError(f"--act {cfg.act} applies to the locality models ({', '.join(LOCALITY_MODELS)}), "
                           f"not {cfg.model}")

@@ -48,6 +48,10 @@ class TrainState:
     batch_size: int = 0
     peak_lr: float = 0.0  # the stage's lr before the schedule's factor
     lr: float = 0.0
+    # The share of the budget spent when the first training step ran (-1: not yet). The lr schedule (warm-up, then
+    # its decay) spans the budget from there, so start-up (imports, indexing, the first pipeline build, the eval
+    # probe) does not eat the warm-up.
+    train_from: float = -1.0
 
 
 def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
@@ -126,7 +130,8 @@ class Trainer:
         self.amp = resolve_amp(cfg.amp, self.device)
         self.mode, self.mode_note = resolve_step_mode(cfg.step, self.device, self.amp)
         self.plan = cfg.plan()
-        self.state = TrainState(**resume["state"]) if resume else TrainState()
+        # a checkpoint from before train_from existed: its schedule ran over the whole budget
+        self.state = TrainState(**{"train_from": 0.0, **resume["state"]}) if resume else TrainState()
         if resume:
             self.state.attempt += 1
         torch.manual_seed(cfg.seed + self.state.attempt)
@@ -260,9 +265,11 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
-        factor = lr_factor(cfg.lr_schedule, self.budget.fraction,
+        if s.train_from < 0:
+            s.train_from = min(self.budget.fraction, 0.5)
+        factor = lr_factor(cfg.lr_schedule, (self.budget.fraction - s.train_from) / (1.0 - s.train_from),
                            epoch=s.epoch + s.epoch_step / len(self.train_batches), epochs=cfg.epochs,
-                           warmup_fraction=cfg.warmup_s / cfg.budget_s, min_ratio=cfg.min_lr / cfg.lr)
+                           warmup_fraction=cfg.warmup_fraction, min_ratio=min(1.0, cfg.min_lr / s.peak_lr))
         s.lr = s.peak_lr * factor
         settling = self.step.settling
         self.loss = self.step(images, labels, lr=s.lr)
