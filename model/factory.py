@@ -9,7 +9,7 @@ import model.locality_vit  # noqa: F401  (registers the models with timm)
 import model.localvit  # noqa: F401
 
 LOCALITY_MODELS = ("vit_local_small_patch16", "vit_local_tiny_patch16", "vit_local_test_patch16")
-BASELINES = ("deit_small_patch16_224", "localvit_small_patch16")
+BASELINES = ("deit_small_patch16_224", "localvit_small_patch16", "deit_tiny_patch16_224", "localvit_tiny_patch16")
 MODELS: tuple[str, ...] = LOCALITY_MODELS + BASELINES
 BASE_IMAGE_SIZE = 224  # every model is created for the 14x14 grid, then moved to the size in use
 
@@ -27,7 +27,7 @@ def build_model(name: str, *, num_classes: int, image_size: int = BASE_IMAGE_SIZ
         kwargs["act"] = act
     elif act != "hswish":
         raise ValueError(f"act={act!r} applies to the locality models ({', '.join(LOCALITY_MODELS)}), not {name}")
-    if name == "deit_small_patch16_224":
+    if name.startswith("deit_"):
         kwargs["dynamic_img_size"] = True  # serve any multiple of 16, as ours do
         kwargs["drop_path_rate"] = 0.1  # DeiT's recipe (timm's default is 0)
     if drop_path is not None:

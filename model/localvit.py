@@ -18,11 +18,11 @@ __all__ = ["LocalViTFeedForward", "LocalViTBlock", "LocalViT"]
 class LocalViTFeedForward(nn.Module):
     """1x1 conv -> BN -> h-swish -> 3x3 depth-wise conv -> BN -> h-swish -> SE -> 1x1 conv -> BN, on the patch grid.
 
-    As LocalViT's code defines it: convolutions without bias, an SE module whose hidden width is 4D/384 (4 for
-    LocalViT-S) with ReLU and a hard-sigmoid gate.
+    As LocalViT's code defines it: convolutions without bias, an SE module with ReLU and a hard-sigmoid gate whose
+    reduction is D (its "r384" for LocalViT-S, "r192" for the tiny one), so its hidden width is 4D/D = 4.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, se_reduction: int = 384) -> None:
+    def __init__(self, dim: int, hidden_dim: int, se_reduction: int | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, hidden_dim, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden_dim)
@@ -30,7 +30,7 @@ class LocalViTFeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim, bias=False)
         self.bn2 = nn.BatchNorm2d(hidden_dim)
         self.act2 = nn.Hardswish()
-        self.se = SEModule(hidden_dim, rd_channels=max(1, hidden_dim // se_reduction), act_layer=nn.ReLU,
+        self.se = SEModule(hidden_dim, rd_channels=max(1, hidden_dim // (se_reduction or dim)), act_layer=nn.ReLU,
                            gate_layer="hard_sigmoid")
         self.conv2 = nn.Conv2d(hidden_dim, dim, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(dim)
@@ -76,3 +76,11 @@ def localvit_small_patch16(pretrained: bool = False, **kwargs: Any) -> LocalViT:
     defaults = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 8, "mlp_ratio": 4.0,
                 "qkv_bias": True, "drop_path_rate": 0.1}
     return create(LocalViT, "localvit_small_patch16", pretrained, defaults, kwargs)
+
+
+@register_model
+def localvit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> LocalViT:
+    """LocalViT-S's construction at DeiT-Ti size (dim 192, depth 12, 3 heads): the CPU-sized baseline."""
+    defaults = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4.0,
+                "qkv_bias": True, "drop_path_rate": 0.1}
+    return create(LocalViT, "localvit_tiny_patch16", pretrained, defaults, kwargs)

@@ -37,12 +37,14 @@ class TickingStep:
 
     def __init__(self, step, clock: FakeClock, step_s: float, settle_s: float) -> None:
         self._step, self._clock, self.step_s, self.settle_s = step, clock, step_s, settle_s
+        self.lrs: list[float] = []
 
     def __getattr__(self, name: str):
         return getattr(self._step, name)
 
     def __call__(self, images, labels, lr=None):
         self._clock.now += self.settle_s if self._step.settling else self.step_s
+        self.lrs.append(lr)
         return self._step(images, labels, lr=lr)
 
 
@@ -95,6 +97,19 @@ def test_the_run_stops_at_the_last_step_that_fits_and_ends_inside_its_budget(tmp
     assert summary["train_s"] + 1.0 + reserve > 60
     assert summary["train_s"] + reserve <= 60
     assert summary["elapsed_s"] == pytest.approx(summary["train_s"] + VAL_BATCHES * 0.5)
+
+
+def test_the_lr_schedule_starts_at_the_first_training_step_not_at_process_start(tmp_path):
+    trainer, clock = _trainer(tmp_path, ["--image-size", "32", "--no-curriculum", "--budget", "100s",
+                                         "--eval-every", "0", "--warmup", "10%"], step_s=1.0, eval_batch_s=0.1)
+    clock.now += 30.0  # imports, indexing, the first pipeline build: 30% of the budget gone before any step
+    trainer.run()
+    lrs, peak = trainer.step.lrs, trainer.state.peak_lr
+    assert trainer.state.train_from == pytest.approx(0.3, abs=0.01)
+    # the warm-up is 10% of the ~70 s left (7 steps), not the 10 s of the budget start-up already spent
+    assert lrs[0] < 0.05 * peak and lrs[3] < 0.6 * peak
+    assert max(lrs) == pytest.approx(peak, rel=0.02) and lrs.index(max(lrs)) in range(6, 9)
+    assert lrs[-1] < 1.1 * trainer.cfg.min_lr  # and the decay still ends at the floor, with the budget
 
 
 def test_an_expensive_final_evaluation_is_reserved_before_any_was_measured(tmp_path):

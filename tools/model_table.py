@@ -25,6 +25,8 @@ ROLE = {
     "vit_local_test_patch16": "ours, tests",
     "deit_small_patch16_224": "DeiT-S baseline",
     "localvit_small_patch16": "LocalViT-S baseline",
+    "deit_tiny_patch16_224": "DeiT-Ti baseline (CPU-sized)",
+    "localvit_tiny_patch16": "LocalViT-S's design at Ti size",
 }
 
 
