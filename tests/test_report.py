@@ -128,3 +128,13 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_exit_2(runs, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(empty) in err
     assert not out.exists()
+
+
+def test_without_matplotlib_the_table_is_written_and_one_line_says_why_no_figures(runs, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "report"
+    assert report.main([str(runs["finished"]), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '.[report]' in err
+    assert (out / "table.md").exists() and not (out / "accuracy.png").exists()
