@@ -1,0 +1,68 @@
+"""trainer/dist.py: one process is a world of one; two gloo processes agree on flags, counts and rank 0's clock."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from trainer import dist as tdist
+
+
+def test_without_torchrun_the_world_is_one_process_and_collectives_return_their_input():
+    world = tdist.world_from_env({})
+    assert (world.rank, world.world_size, world.local_rank, world.is_main, world.distributed) == (0, 1, 0, True,
+                                                                                                 False)
+    assert world.agree_max(tdist.STOP_SIGNAL) == tdist.STOP_SIGNAL
+    assert world.sum_counts(3, 4.0) == (3, 4.0) and world.broadcast_float(1.5) == 1.5
+    assert tdist.init("cpu") == world  # no process group is made
+
+
+def test_torchrun_variables_are_read_and_checked():
+    world = tdist.world_from_env({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1"})
+    assert (world.rank, world.world_size, world.local_rank, world.is_main) == (9, 16, 1, False)
+    with pytest.raises(ValueError, match="outside WORLD_SIZE"):
+        tdist.world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="not integers"):
+        tdist.world_from_env({"RANK": "a", "WORLD_SIZE": "2"})
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    world = tdist.init("cpu", timeout_s=60)
+    try:
+        result = {
+            "flag": world.agree_max(tdist.STOP_SIGNAL if rank == 1 else tdist.CONTINUE),  # a signal on rank 1 only
+            "counts": world.sum_counts(rank + 1, 10 * (rank + 1)),  # e.g. correct, images of each rank's shard
+            "clock": world.broadcast_float(100.0 + rank),  # rank 0's clock wins
+            "is_main": world.is_main,
+        }
+    finally:
+        tdist.shutdown()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_two_gloo_processes_agree_on_the_stop_flag_the_counts_and_rank_0s_clock(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)  # a hang fails the test instead of blocking CI
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    assert not alive and all(p.exitcode == 0 for p in ctx.processes)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["flag"] == tdist.STOP_SIGNAL and r["counts"] == [3.0, 30.0] and r["clock"] == 100.0
+    assert [r["is_main"] for r in results] == [True, False]

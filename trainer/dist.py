@@ -1,0 +1,96 @@
+"""Data-parallel set-up for `torchrun`: who this process is, and the few collectives the trainer needs.
+
+One process without `torchrun` (no RANK/WORLD_SIZE in the environment) gets a `World` of size 1 whose collectives
+return their input: the single-GPU path does not change. Under `torchrun` each process joins the default process
+group (NCCL on CUDA, gloo on the CPU) and the trainer asks only this module who it is and what every rank agreed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Stop flags, all-reduced with MAX at each metrics interval so every rank leaves the loop at the same step.
+CONTINUE, STOP_BUDGET, STOP_SIGNAL, STOP_DIVERGED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run directory, metrics, readout and checkpoints; the others only compute."""
+        return self.rank == 0
+
+    def agree_max(self, value: int) -> int:
+        """The largest of every rank's ``value`` (a stop flag): the same answer on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def sum_counts(self, *counts: float) -> tuple[float, ...]:
+        """Element-wise sums over ranks, e.g. (correct top-1, correct top-5, images) of a sharded evaluation."""
+        if not self.distributed:
+            return tuple(counts)
+        t = torch.tensor(counts, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return tuple(t.tolist())
+
+    def broadcast_float(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank (the budget clock every rank reads)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """The process's place, from the variables `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK); size 1 without."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return World()
+    try:
+        world = World(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                      local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+    except ValueError:
+        raise ValueError(f"RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}, "
+                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r}: not integers") from None
+    if not 0 <= world.rank < world.world_size:
+        raise ValueError(f"RANK={world.rank} is outside WORLD_SIZE={world.world_size}")
+    return world
+
+
+def init(device: str, timeout_s: float = 600.0) -> World:
+    """Join the default process group when launched by `torchrun` (a no-op for one process). ``device``: the
+    resolved training device, "cuda" (NCCL, one GPU per local rank) or "cpu" (gloo)."""
+    world = world_from_env()
+    if world.world_size == 1 or dist.is_initialized():
+        return world
+    if device == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return world
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
