@@ -87,6 +87,7 @@ def _train_graph(split: Split, spec: StageSpec):
     jpegs, labels = fn.readers.file(
         files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
         shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
+        pad_last_batch=spec.num_shards > 1,  # sharded: see StageLoader (every rank takes the same steps)
         name="Reader",
     )
     gpu = spec.device == "gpu"

@@ -95,6 +95,12 @@ class StageLoader:
         pipe = builder(self.source, self.spec)
         if self.spec.device == "gpu" and self.spec.handoff == "stream":
             _hand_outputs_to_torch_stream(pipe, self.device)
+        if self.train and self.spec.num_shards > 1:
+            # Shards differ in size by one file, and under DROP DALI sizes each one unpadded, so ranks would take
+            # different numbers of steps. Padded shards, full batches (FILL), and __iter__ stops every rank at
+            # len(self) steps and drains the rest of the epoch.
+            return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.FILL)
         return DALIGenericIterator(
             [pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
@@ -117,8 +123,11 @@ class StageLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterator is None:
             self._start()
+        steps = len(self) if self.train and self.spec.num_shards > 1 else None
         with self._decode_errors():
-            for batch in self._iterator:
+            for i, batch in enumerate(self._iterator):
+                if steps is not None and i >= steps:
+                    continue  # drain the epoch's remainder, so the iterator resets at its end
                 out = batch[0]
                 # NHWC -> NCHW view: channels-last in memory, no copy.
                 images = out["images"].permute(0, 3, 1, 2)
