@@ -66,3 +66,36 @@ def test_two_gloo_processes_agree_on_the_stop_flag_the_counts_and_rank_0s_clock(
     for r in results:
         assert r["flag"] == tdist.STOP_SIGNAL and r["counts"] == [3.0, 30.0] and r["clock"] == 100.0
     assert [r["is_main"] for r in results] == [True, False]
+
+
+class _OtherRank:
+    """A world of two whose other rank's counts are known: sum_counts adds them, as the all-reduce would."""
+
+    def __init__(self, counts: tuple[float, ...]) -> None:
+        self.counts = counts
+
+    def sum_counts(self, *counts: float) -> tuple[float, ...]:
+        return tuple(a + b for a, b in zip(counts, self.counts, strict=True))
+
+
+def test_a_sharded_evaluation_counts_every_val_image_once(colour_dataset):
+    import torch
+
+    from model import build_model
+    from pipelines import StageLoader, StageSpec, index_dataset
+    from trainer.evaluate import evaluate
+
+    torch.manual_seed(0)
+    net = build_model("vit_local_test_patch16", num_classes=3, image_size=32)
+    _, val = index_dataset(colour_dataset)  # 12 images: shards of 6, batches of 5 (a partial one on each rank)
+
+    def loader(shard: int, shards: int):
+        spec = StageSpec(image_size=32, batch_size=5, num_threads=1, shard_id=shard, num_shards=shards)
+        return StageLoader(val, spec, train=False, device=torch.device("cpu"))
+
+    whole = evaluate(net, loader(0, 1), None)
+    rank1 = evaluate(net, loader(1, 2), None)
+    counts1 = (rank1["top1"] * rank1["images"], rank1["top5"] * rank1["images"], rank1["images"])
+    both = evaluate(net, loader(0, 2), None, world=_OtherRank(counts1))
+    assert both["images"] == whole["images"] == len(val) == 12
+    assert both["top1"] == pytest.approx(whole["top1"]) and both["top5"] == pytest.approx(whole["top5"])
