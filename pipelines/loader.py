@@ -95,16 +95,17 @@ class StageLoader:
         pipe = builder(self.source, self.spec)
         if self.spec.device == "gpu" and self.spec.handoff == "stream":
             _hand_outputs_to_torch_stream(pipe, self.device)
-        if self.train and self.spec.num_shards > 1:
+        if not self.train:
+            policy = LastBatchPolicy.PARTIAL
+        elif self.spec.num_shards > 1:
             # Shards differ in size by one file, and under DROP DALI sizes each one unpadded, so ranks would take
             # different numbers of steps. Padded shards, full batches (FILL), and __iter__ stops every rank at
             # len(self) steps and drains the rest of the epoch.
-            return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
-                                       last_batch_policy=LastBatchPolicy.FILL)
-        return DALIGenericIterator(
-            [pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL,
-        )
+            policy = LastBatchPolicy.FILL
+        else:
+            policy = LastBatchPolicy.DROP
+        return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader", auto_reset=True,
+                                   last_batch_policy=policy)
 
     def _start(self) -> None:
         with self._decode_errors():

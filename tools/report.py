@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,7 @@ def group_table(runs: list[Run], by: str) -> str:
 
     for value, members in sorted(groups.items(), key=mean_top1):
         models = ", ".join(sorted({str(r.config.get("model", "-")) for r in members}))
-        statuses = ", ".join(f"{n} {s}" for s, n in sorted(_count(r.status for r in members).items()))
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in members).items()))
         rows.append(f"| {value} | {len(members)} | {models} | "
                     f"{_mean_sd([r.top1 for r in members if r.top1 is not None], 100)} | "
                     f"{_mean_sd([r.top5 for r in members if r.top5 is not None], 100)} | "
@@ -213,11 +214,13 @@ def group_table(runs: list[Run], by: str) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _count(items: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _time_axis(runs: list[Run]) -> tuple[float, str]:
@@ -227,9 +230,7 @@ def _time_axis(runs: list[Run]) -> tuple[float, str]:
 
 
 def _colours(runs: list[Run], by: str | None) -> tuple[list[Any], list[str]]:
-    import matplotlib.pyplot as plt
-
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     if by is None:
         return [cycle[i % len(cycle)] for i in range(len(runs))], [r.name for r in runs]
     keys = list(dict.fromkeys(str(r.get(by)) for r in runs))
@@ -239,12 +240,9 @@ def _colours(runs: list[Run], by: str | None) -> tuple[list[Any], list[str]]:
 
 def accuracy_figure(runs: list[Run], by: str | None = None):
     """Top-1 against the budget spent: one line per run, a mark per evaluation, stage changes as triangles on it."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     unit, label = _time_axis(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours, labels = _colours(runs, by)
@@ -269,11 +267,7 @@ def accuracy_figure(runs: list[Run], by: str | None = None):
 def throughput_figure(runs: list[Run], by: str | None = None):
     """Per run, one panel: img/s (left axis) and data wait (right axis, dashed) against the budget spent, each
     stage shaded and labelled with its size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     unit, label = _time_axis(runs)
     fig, axes = plt.subplots(len(runs), 1, figsize=(7, 1.9 * len(runs) + 0.6), sharex=True, squeeze=False)
     colours, labels = _colours(runs, by)
@@ -305,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("report"), help="where table.md and the figures go")
     p.add_argument("--by", metavar="FIELD", help="group runs by a config.json field (e.g. preset, model, seed)")
     args = p.parse_args(argv)
+    from trainer.rundir import write_bytes_atomic
+
     try:
         runs = [load_run(path) for path in args.runs]
     except ReportError as e:
@@ -312,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = run_table(runs) + ("\n" + group_table(runs, args.by) if args.by else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    _write(args.out / "table.md", table.encode())
+    write_bytes_atomic(args.out / "table.md", table.encode())
     print(table, end="")
     try:
         import matplotlib  # noqa: F401
@@ -325,16 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         fig = make(runs, args.by)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=120)
-        _write(args.out / name, buffer.getvalue())
+        write_bytes_atomic(args.out / name, buffer.getvalue())
         print(f"wrote {args.out / name}")
     return 0
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Temp file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ class Trainer:
         self.amp = resolve_amp(cfg.amp, self.device)
         self.mode, self.mode_note = resolve_step_mode(cfg.step, self.device, self.amp)
         self.plan = cfg.plan()
+        self.warmup_fraction = cfg.warmup_fraction  # parsed once, read at every step
         # a checkpoint from before train_from existed: its schedule ran over the whole budget
         self.state = TrainState(**{"train_from": 0.0, **resume["state"]}) if resume else TrainState()
         if resume:
@@ -265,11 +266,12 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
+        fraction = self.budget.fraction
         if s.train_from < 0:
-            s.train_from = min(self.budget.fraction, 0.5)
-        factor = lr_factor(cfg.lr_schedule, (self.budget.fraction - s.train_from) / (1.0 - s.train_from),
+            s.train_from = min(fraction, 0.5)
+        factor = lr_factor(cfg.lr_schedule, (fraction - s.train_from) / (1.0 - s.train_from),
                            epoch=s.epoch + s.epoch_step / len(self.train_batches), epochs=cfg.epochs,
-                           warmup_fraction=cfg.warmup_fraction, min_ratio=min(1.0, cfg.min_lr / s.peak_lr))
+                           warmup_fraction=self.warmup_fraction, min_ratio=min(1.0, cfg.min_lr / s.peak_lr))
         s.lr = s.peak_lr * factor
         settling = self.step.settling
         self.loss = self.step(images, labels, lr=s.lr)
