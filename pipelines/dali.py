@@ -31,7 +31,9 @@ class StageSpec:
     device: Literal["cpu", "gpu"] = "cpu"
     device_id: int | None = None
     num_threads: int = 0  # 0: one per CPU core
-    seed: int = 0
+    seed: int = 0  # the pipeline's random operators (crops, flips, RandAugment): differs per rank
+    # the epoch's shuffled order (None: ``seed``): the same on every rank, so the shards partition one order
+    shuffle_seed: int | None = None
     shard_id: int = 0
     num_shards: int = 1
     half: bool = False  # emit float16 (the GPU path; no faster on the CPU)
@@ -87,6 +89,7 @@ def _train_graph(split: Split, spec: StageSpec):
     jpegs, labels = fn.readers.file(
         files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
         shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
+        shuffle_after_epoch_seed=spec.seed if spec.shuffle_seed is None else spec.shuffle_seed,
         pad_last_batch=spec.num_shards > 1,  # sharded: see StageLoader (every rank takes the same steps)
         name="Reader",
     )

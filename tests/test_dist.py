@@ -16,8 +16,9 @@ def test_without_torchrun_the_world_is_one_process_and_collectives_return_their_
     world = tdist.world_from_env({})
     assert (world.rank, world.world_size, world.local_rank, world.is_main, world.distributed) == (0, 1, 0, True,
                                                                                                  False)
-    assert world.agree_max(tdist.STOP_SIGNAL) == tdist.STOP_SIGNAL
-    assert world.sum_counts(3, 4.0) == (3, 4.0) and world.broadcast_float(1.5) == 1.5
+    assert world.agree(tdist.STOP_SIGNAL, 1.5, 2.0) == (tdist.STOP_SIGNAL, (1.5, 2.0))
+    assert world.sum_counts(3, 4.0) == (3, 4.0) and world.rank0(1.5) == 1.5 and world.all_ok(False) is False
+    world.barrier()
     assert tdist.init("cpu") == world  # no process group is made
 
 
@@ -41,9 +42,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     world = tdist.init("cpu", timeout_s=60)
     try:
         result = {
-            "flag": world.agree_max(tdist.STOP_SIGNAL if rank == 1 else tdist.CONTINUE),  # a signal on rank 1 only
+            # a signal on rank 1 only; rank 0's clock and step count win
+            "agreed": world.agree(tdist.STOP_SIGNAL if rank == 1 else tdist.CONTINUE, 100.0 + rank, 7 - rank),
             "counts": world.sum_counts(rank + 1, 10 * (rank + 1)),  # e.g. correct, images of each rank's shard
-            "clock": world.broadcast_float(100.0 + rank),  # rank 0's clock wins
+            "clock": world.rank0(100.0 + rank),
+            "all_ok": [world.all_ok(True), world.all_ok(rank == 0)],  # a check failed on rank 1 only
             "is_main": world.is_main,
         }
     finally:
@@ -64,7 +67,8 @@ def test_two_gloo_processes_agree_on_the_stop_flag_the_counts_and_rank_0s_clock(
     assert not alive and all(p.exitcode == 0 for p in ctx.processes)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
-        assert r["flag"] == tdist.STOP_SIGNAL and r["counts"] == [3.0, 30.0] and r["clock"] == 100.0
+        assert r["agreed"] == [tdist.STOP_SIGNAL, [100.0, 7.0]] and r["counts"] == [3.0, 30.0]
+        assert r["clock"] == 100.0 and r["all_ok"] == [True, False]
     assert [r["is_main"] for r in results] == [True, False]
 
 

@@ -163,20 +163,24 @@ def test_stream_handoff_binds_the_outputs_to_torch_current_stream(monkeypatch):
 
 @pytest.mark.parametrize(("n", "steps"), [(24, 3), (23, 3), (21, 2)])
 def test_train_shards_are_disjoint_cover_the_epoch_and_take_the_same_steps(colour_dataset, n, steps):
-    """Two ranks' shards of one epoch (each file labelled with its own index, to tell them apart)."""
+    """Two ranks' shards of two epochs (each file labelled with its own index, to tell them apart): each rank its own
+    augmentation seed, one shuffle seed for all, so the second epoch's reshuffled order is partitioned too."""
     import dataclasses
 
     train, _ = index_dataset(colour_dataset)
     split = dataclasses.replace(train, files=train.files[:n], labels=tuple(range(n)))
     seen = []
     for shard in range(2):
-        spec = StageSpec(image_size=32, batch_size=4, num_threads=1, shard_id=shard, num_shards=2, seed=shard)
+        spec = StageSpec(image_size=32, batch_size=4, num_threads=1, shard_id=shard, num_shards=2, seed=shard,
+                         shuffle_seed=7)
         loader = StageLoader(split, spec, train=True, device=CPU)
         epochs = [[batch_labels.tolist() for _, batch_labels in loader] for _ in range(2)]
         for labels in epochs:  # every rank the same steps, every epoch (the remainder drained, not carried over)
             assert len(labels) == len(loader) == steps and all(len(b) == 4 for b in labels)
-        seen.append({label for batch in epochs[0] for label in batch})
-    assert not seen[0] & seen[1]  # disjoint ...
-    assert len(seen[0] | seen[1]) >= min(n, 2 * steps * 4) - 1  # ... and covering, but for a padded repeat
-    if n == 24:
-        assert seen[0] | seen[1] == set(range(n))
+        seen.append([{label for batch in epoch for label in batch} for epoch in epochs])
+    for epoch in range(2):
+        first, second = seen[0][epoch], seen[1][epoch]
+        assert not first & second  # disjoint ...
+        assert len(first | second) >= min(n, 2 * steps * 4) - 1  # ... and covering, but for a padded repeat
+        if n == 24:
+            assert first | second == set(range(n))

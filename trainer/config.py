@@ -140,11 +140,12 @@ class TrainConfig:
                                          f"{DEFAULT_CURRICULUM.replace('%', '%%')} on CUDA, a fixed size on the CPU",
                                  metavar="S:M:N|S:M@P%|auto")
     eval_size: int | None = opt(None, "evaluation size (default: --image-size)", type=int)
-    batch_size: int = opt(64, "images per step", type=int)
+    batch_size: int = opt(64, "images per step per process (per GPU; the global batch is this x the processes)",
+                          type=int)
     stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "
                                     "root)", choices=("fixed", "tokens"))
     max_batch: int = opt(1024, "cap for --stage-batch tokens", type=int)
-    lr: float = opt(8e-3, "lr for a batch of 512 (DeiT's rule): the peak lr is lr x batch / 512", type=float)
+    lr: float = opt(8e-3, "lr for a batch of 512 (DeiT's rule): the peak lr is lr x global batch / 512", type=float)
     lr_schedule: str = opt("cosine-time", "time schedules anneal over the budget; cosine-epochs over --epochs",
                            choices=SCHEDULES)
     min_lr: float = opt(1e-5, "the schedules' floor", type=float)
@@ -191,6 +192,9 @@ class TrainConfig:
     profile_steps: int = opt(20, "timed steps per measurement for --profile", type=int)
     # not a flag: the flags given that changed a preset's value, as "--flag value (preset: value)"
     preset_overrides: list[str] = field(default_factory=list, metadata={"flag": False})
+    # not a flag: processes training together (torchrun's WORLD_SIZE; 1 without it), set when the run starts and
+    # again on each resume, which may use another number
+    world_size: int = field(default=1, metadata={"flag": False})
 
     def __post_init__(self) -> None:
         if self.curriculum == "auto":  # resolved once, so config.json (and a resume) keeps the concrete plan
@@ -204,8 +208,14 @@ class TrainConfig:
         return parse_budget(self.warmup) / self.budget_s if self.warmup != "0" else 0.0
 
     @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all processes: --batch-size is per process (per GPU)."""
+        return self.batch_size * self.world_size
+
+    @property
     def peak_lr(self) -> float:
-        return self.lr * self.batch_size / 512
+        """DeiT's rule on the global batch: --lr is the lr for 512 images per step."""
+        return self.lr * self.global_batch / 512
 
     def plan(self) -> CurriculumPlan:
         if self.curriculum is None:

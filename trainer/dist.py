@@ -7,6 +7,7 @@ group (NCCL on CUDA, gloo on the CPU) and the trainer asks only this module who 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,13 +34,26 @@ class World:
         """Rank 0 writes the run directory, metrics, readout and checkpoints; the others only compute."""
         return self.rank == 0
 
-    def agree_max(self, value: int) -> int:
-        """The largest of every rank's ``value`` (a stop flag): the same answer on every rank."""
+    def agree(self, flag: int, *values: float) -> tuple[int, tuple[float, ...]]:
+        """One collective for a decision every rank must share: the largest ``flag`` of any rank (a stop flag: a
+        signal or a non-finite loss on any rank stops them all) and rank 0's ``values`` (its clock, its gate's
+        verdicts). A world of one returns its input."""
         if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+            return flag, tuple(values)
+        mine = values if self.is_main else (-math.inf,) * len(values)
+        t = torch.tensor([flag, *mine], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        flag_max, *rank0 = t.tolist()
+        return int(flag_max), tuple(rank0)
+
+    def rank0(self, value: float) -> float:
+        """Rank 0's ``value`` on every rank."""
+        return self.agree(CONTINUE, value)[1][0]
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` held on every rank: a check failed on one rank (and said why there)
+        stops them all, instead of leaving the others waiting in the next collective."""
+        return self.agree(CONTINUE if ok else STOP_SIGNAL)[0] == CONTINUE
 
     def sum_counts(self, *counts: float) -> tuple[float, ...]:
         """Element-wise sums over ranks, e.g. (correct top-1, correct top-5, images) of a sharded evaluation."""
@@ -49,13 +63,10 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return tuple(t.tolist())
 
-    def broadcast_float(self, value: float) -> float:
-        """Rank 0's ``value`` on every rank (the budget clock every rank reads)."""
-        if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-        dist.broadcast(t, src=0)
-        return float(t.item())
+    def barrier(self) -> None:
+        """Every rank waits for the others (rank 0 finishing its files before the others exit)."""
+        if self.distributed:
+            dist.barrier()
 
 
 def _collective_device() -> torch.device:
