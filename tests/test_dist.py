@@ -16,7 +16,8 @@ def test_without_torchrun_the_world_is_one_process_and_collectives_return_their_
     world = tdist.world_from_env({})
     assert (world.rank, world.world_size, world.local_rank, world.is_main, world.distributed) == (0, 1, 0, True,
                                                                                                  False)
-    assert world.agree(tdist.STOP_SIGNAL, 1.5, 2.0) == (tdist.STOP_SIGNAL, (1.5, 2.0))
+    assert world.agree((tdist.STOP_SIGNAL, 15), (1.5, 2.0)) == ([tdist.STOP_SIGNAL, 15], [1.5, 2.0])
+    assert world.seed(7) == 7
     assert world.sum_counts(3, 4.0) == (3, 4.0) and world.rank0(1.5) == 1.5 and world.all_ok(False) is False
     world.barrier()
     assert tdist.init("cpu") == world  # no process group is made
@@ -43,7 +44,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         result = {
             # a signal on rank 1 only; rank 0's clock and step count win
-            "agreed": world.agree(tdist.STOP_SIGNAL if rank == 1 else tdist.CONTINUE, 100.0 + rank, 7 - rank),
+            "agreed": world.agree((tdist.STOP_SIGNAL if rank == 1 else tdist.STOP_BUDGET, 15 * rank),
+                                  (100.0 + rank, 7 - rank)),
+            "seed": world.seed(3),
             "counts": world.sum_counts(rank + 1, 10 * (rank + 1)),  # e.g. correct, images of each rank's shard
             "clock": world.rank0(100.0 + rank),
             "all_ok": [world.all_ok(True), world.all_ok(rank == 0)],  # a check failed on rank 1 only
@@ -67,9 +70,10 @@ def test_two_gloo_processes_agree_on_the_stop_flag_the_counts_and_rank_0s_clock(
     assert not alive and all(p.exitcode == 0 for p in ctx.processes)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
-        assert r["agreed"] == [tdist.STOP_SIGNAL, [100.0, 7.0]] and r["counts"] == [3.0, 30.0]
+        assert r["agreed"] == [[tdist.STOP_SIGNAL, 15], [100.0, 7.0]] and r["counts"] == [3.0, 30.0]
         assert r["clock"] == 100.0 and r["all_ok"] == [True, False]
     assert [r["is_main"] for r in results] == [True, False]
+    assert results[0]["seed"] == 3 != results[1]["seed"]  # rank 0 draws as one process would; rank 1 its own
 
 
 class _OtherRank:

@@ -6,17 +6,21 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, index_dataset
+from trainer import dist
 from trainer.budget import Budget
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
 from trainer.config import DEMO, ConfigError, ListPresets, TrainConfig, load_run_config, parse_args
 from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
-from trainer.rundir import RunDir
+from trainer.rundir import NullRunDir, RunDir
+
+Say = Callable[[str], None]
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -24,13 +28,13 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _data_root(cfg: TrainConfig) -> Path:
+def _data_root(cfg: TrainConfig, say: Say) -> Path:
     if cfg.data == DEMO:
         from pipelines.demo_dataset import default_demo_root, ensure_demo_dataset
 
         root = default_demo_root()
         if not (root / "DEMO_INFO.json").exists():
-            print(f"building the demo dataset in {root} (once; reused after) ...", flush=True)
+            say(f"building the demo dataset in {root} (once; reused after) ...")
         return ensure_demo_dataset(root)
     return Path(cfg.data).expanduser()
 
@@ -42,7 +46,7 @@ def _finished(summary: Path) -> bool:
         return False
 
 
-def _prepare_out(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+def _prepare_out(cfg: TrainConfig, say: Say) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
     """A new run directory, or an existing one holding checkpoints: then the run resumes with its own config."""
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
@@ -55,9 +59,9 @@ def _prepare_out(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict[str, Any] | 
         raise ConfigError(f"{out} already finished its budget (see its summary.json); choose a new --out")
     loaded = load_latest(out / "checkpoints")
     for path, why in loaded.skipped:
-        print(f"vit-train: warning: skipping unreadable checkpoint {path} ({why})", file=sys.stderr)
-    print(f"resuming {out} from {loaded.path.name} (step {loaded.payload['state']['step']}, "
-          f"{loaded.payload['budget_spent_s']:.0f}s of the budget already spent)", flush=True)
+        say(f"vit-train: warning: skipping unreadable checkpoint {path} ({why})")
+    say(f"resuming {out} from {loaded.path.name} (step {loaded.payload['state']['step']}, "
+        f"{loaded.payload['budget_spent_s']:.0f}s of the budget already spent)")
     return load_run_config(out), out, {**loaded.payload, "path": str(loaded.path)}
 
 
@@ -73,6 +77,15 @@ def _install_signal_handlers(stop: StopFlag) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _checks_passed(world: dist.World, failure: str | None) -> bool:
+    """Every rank's checks, agreed: any failure ends every rank (exit 2, nothing written). The message is printed
+    once, by rank 0, or where rank 0 passed, by each rank that failed (a folder missing on one node)."""
+    (failed_anywhere,), (failed_on_0,) = world.agree((failure is not None,), (float(failure is not None),))
+    if failure is not None and (world.is_main or not failed_on_0):
+        _fail(failure)
+    return not failed_anywhere
+
+
 def run() -> int:
     """The console script: the budget's clock starts when the process began importing, not at ``main``."""
     from trainer import STARTED_AT
@@ -83,23 +96,65 @@ def run() -> int:
 def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     started_at = time.monotonic() if started_at is None else started_at
     try:
+        world = dist.world_from_env()
+    except ValueError as e:
+        return _fail(f"torchrun's environment: {e}")
+    try:
         cfg = parse_args(argv)
-        for override in cfg.preset_overrides:
-            print(f"preset {cfg.preset}: {override}", flush=True)
-        cfg, out, resume = _prepare_out(cfg)
-        before_data = time.monotonic()
-        train_split, val_split = index_dataset(_data_root(cfg))
-        demo_build_s = time.monotonic() - before_data if cfg.data == DEMO else 0.0
-        if len(train_split) < cfg.batch_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(train_split)} images "
-                              f"in {train_split.root}: training drops partial batches")
     except ListPresets:
         from trainer.presets import describe_presets
 
         print("\n".join(describe_presets()))
         return 0
+    except (ConfigError, NoCheckpointError) as e:  # the same flags on every rank: rank 0 says it
+        return _fail(str(e)) if world.is_main else 2
+    try:
+        world = dist.init(_training_device(cfg))  # torchrun: join the process group (a no-op for one process)
+        return _main(cfg, world, started_at)
+    finally:
+        dist.shutdown()
+
+
+def _training_device(cfg: TrainConfig) -> str:
+    from trainer.step import resolve_device
+
+    return resolve_device(cfg.device).type
+
+
+def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
+    def say(text: str) -> None:  # rank 0 speaks for the run
+        if world.is_main:
+            print(text, flush=True)
+
+    failure, root = None, None
+    try:
+        if cfg.profile and world.distributed:
+            raise ConfigError("--profile measures one process: run it without torchrun")
+        for override in cfg.preset_overrides:
+            say(f"preset {cfg.preset}: {override}")
+        cfg, out, resume = _prepare_out(cfg, say)  # reads only: every rank checks before rank 0 writes
+        cfg = replace(cfg, world_size=world.world_size)  # a resume may run on another number of processes
+        before_data = time.monotonic()
+        if world.local_rank == 0:  # one process per machine builds the demo dataset; the others wait for it
+            root = _data_root(cfg, say)
     except (ConfigError, DatasetError, NoCheckpointError) as e:
-        return _fail(str(e))
+        failure = str(e)
+    if not _checks_passed(world, failure):
+        return 2
+    try:
+        root = root or _data_root(cfg, say)
+        train_split, val_split = index_dataset(root)
+        demo_build_s = time.monotonic() - before_data if cfg.data == DEMO else 0.0
+        shard = len(train_split) // world.world_size
+        if shard < cfg.batch_size:
+            where = f"{len(train_split)} images in {train_split.root}" + (
+                f" ({shard} per process over {world.world_size})" if world.distributed else "")
+            raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {where}: training drops partial "
+                              f"batches")
+    except (ConfigError, DatasetError) as e:
+        failure = str(e)
+    if not _checks_passed(world, failure):
+        return 2
 
     import nvidia.dali
     import timm
@@ -109,13 +164,13 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     # a resumed run starts from what its earlier attempts spent.
     budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0,
                     start=started_at + demo_build_s)
-    run = RunDir(out)
+    run = RunDir(out) if world.is_main else NullRunDir(out)  # rank 0 writes the run directory
     if resume:
         run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
-                spent_before_s=round(budget.spent_before, 3))
+                spent_before_s=round(budget.spent_before, 3), world_size=world.world_size)
     else:
-        run.write_config({**asdict(cfg), "peak_lr": cfg.peak_lr, "data_root": str(train_split.root.parent),
-                          "classes": list(train_split.classes),
+        run.write_config({**asdict(cfg), "peak_lr": cfg.peak_lr, "global_batch": cfg.global_batch,
+                          "data_root": str(train_split.root.parent), "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})
     if cfg.profile:
@@ -129,18 +184,26 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     stop = StopFlag()
     _install_signal_handlers(stop)
 
-    def ended(reason: str, code: int, message: str, **extra: Any) -> int:
+    def ended(reason: str, code: int, message: str, together: bool = True, **extra: Any) -> int:
+        """The run ends early. ``together``: every rank reached this end at the same step (an agreed stop); rank 0
+        writes and says it, the others wait for its files. Otherwise this rank alone ends, and says why."""
         run.log(reason, message=message, elapsed_s=round(budget.elapsed, 3), **extra)
         run.write_summary({"budget_s": cfg.budget_s, "model": cfg.model, "run_dir": str(out), "stop_reason": reason,
                            "message": message, "elapsed_s": round(budget.elapsed, 3), **extra})
         run.close()
-        return _fail(message, code=code)
+        if together:
+            world.barrier()
+        return _fail(message, code=code) if world.is_main or not together else code
 
+    # rank 0 shows the readout; the others print nothing but errors
+    readout = Readout(cfg.budget_s, clock=lambda: budget.elapsed,
+                      **({} if world.is_main else {"live": False, "console": _silent_console()}))
     try:
-        with Readout(cfg.budget_s, clock=lambda: budget.elapsed) as readout:
-            summary = train(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop)
-    except ImageDecodeError as e:
-        return ended("error", 1, str(e))
+        with readout:
+            summary = train(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop,
+                            world=world)
+    except ImageDecodeError as e:  # found by one rank: it ends, and torchrun ends the others
+        return ended("error", 1, str(e), together=False)
     except StopRequested as e:
         signum = signal.Signals[e.reason]
         return ended("stopped", 128 + signum, f"stopped by {e.reason}; checkpoint {e.checkpoint.name} written; "
@@ -150,15 +213,23 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
         return ended("diverged", 1, f"{e}; {last}; try a lower --lr (or --amp fp16, whose scaler skips such steps)")
     except KeyboardInterrupt:
-        return ended("interrupted", 130, f"interrupted at once (second Ctrl-C); resume with: vit-train --resume {out}")
+        return ended("interrupted", 130, f"interrupted at once (second Ctrl-C); resume with: vit-train --resume {out}",
+                     together=False)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     run.write_summary(summary)
     run.close()
-    print(f"done: val top1 {100 * summary['top1']:.2f}%  top5 {100 * summary['top5']:.2f}%  "
-          f"{summary['epochs']} epochs in {summary['elapsed_s']:.0f}s  -> {out}")
+    world.barrier()
+    say(f"done: val top1 {100 * summary['top1']:.2f}%  top5 {100 * summary['top5']:.2f}%  "
+        f"{summary['epochs']} epochs in {summary['elapsed_s']:.0f}s  -> {out}")
     return 0
+
+
+def _silent_console() -> Any:
+    from rich.console import Console
+
+    return Console(quiet=True)
 
 
 if __name__ == "__main__":

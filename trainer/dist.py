@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-# Stop flags, all-reduced with MAX at each metrics interval so every rank leaves the loop at the same step.
-CONTINUE, STOP_BUDGET, STOP_SIGNAL, STOP_DIVERGED = 0, 1, 2, 3
+# The loop's verdict between steps, all-reduced with MAX at agreed steps so every rank does the same at the same
+# step: the larger wins (a non-finite loss over a signal over the budget over a time-placed stage change).
+CONTINUE, NEXT_STAGE, STOP_BUDGET, STOP_SIGNAL, STOP_DIVERGED = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -34,26 +37,33 @@ class World:
         """Rank 0 writes the run directory, metrics, readout and checkpoints; the others only compute."""
         return self.rank == 0
 
-    def agree(self, flag: int, *values: float) -> tuple[int, tuple[float, ...]]:
-        """One collective for a decision every rank must share: the largest ``flag`` of any rank (a stop flag: a
-        signal or a non-finite loss on any rank stops them all) and rank 0's ``values`` (its clock, its gate's
-        verdicts). A world of one returns its input."""
+    def agree(self, flags: Sequence[int] = (), values: Sequence[float] = ()) -> tuple[list[int], list[float]]:
+        """One collective for the decisions every rank must share: the largest of each of ``flags`` over the ranks
+        (a stop flag, a signal number: what happens on any rank stops them all) and rank 0's ``values`` (its clock,
+        its gate's verdicts). A world of one returns its input."""
         if not self.distributed:
-            return flag, tuple(values)
+            return list(flags), list(values)
         mine = values if self.is_main else (-math.inf,) * len(values)
-        t = torch.tensor([flag, *mine], dtype=torch.float64, device=_collective_device())
+        t = torch.tensor([*flags, *mine], dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag_max, *rank0 = t.tolist()
-        return int(flag_max), tuple(rank0)
+        out = t.tolist()
+        return [int(f) for f in out[:len(flags)]], out[len(flags):]
 
     def rank0(self, value: float) -> float:
         """Rank 0's ``value`` on every rank."""
-        return self.agree(CONTINUE, value)[1][0]
+        return self.agree(values=(value,))[1][0]
 
     def all_ok(self, ok: bool) -> bool:
         """True on every rank when ``ok`` held on every rank: a check failed on one rank (and said why there)
         stops them all, instead of leaving the others waiting in the next collective."""
-        return self.agree(CONTINUE if ok else STOP_SIGNAL)[0] == CONTINUE
+        return self.agree((0 if ok else 1,))[0][0] == 0
+
+    def seed(self, base: int) -> int:
+        """This rank's seed for its random draws (augmentation, drop-path): ``base`` on rank 0, as in a single
+        process; an independent stream per rank elsewhere."""
+        if self.rank == 0:
+            return base
+        return int(np.random.SeedSequence([base, self.rank]).generate_state(1)[0])
 
     def sum_counts(self, *counts: float) -> tuple[float, ...]:
         """Element-wise sums over ranks, e.g. (correct top-1, correct top-5, images) of a sharded evaluation."""

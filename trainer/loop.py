@@ -3,7 +3,10 @@ for, step until the epoch ends or the ``StopGate`` says stop, evaluate — then 
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from trainer.budget import Budget, StopGate
 from trainer.checkpoint import rng_state, save_checkpoint, set_rng_state
 from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
+from trainer.dist import CONTINUE, NEXT_STAGE, STOP_BUDGET, STOP_DIVERGED, STOP_SIGNAL, World
 from trainer.evaluate import evaluate
 from trainer.hardware import peak_flops
 from trainer.readout import Readout
@@ -55,10 +59,14 @@ class TrainState:
 
 
 def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_size: int,
-               seed: int | None = None, train: bool = True) -> StageSpec:
+               seed: int | None = None, train: bool = True, world: World | None = None) -> StageSpec:
+    """The pipeline for a stage. Data-parallel (``world``): this rank's shard of the split (by global rank, so
+    every node reads its own), its own augmentation seed, and the shuffle seed every rank shares."""
+    world = world or World()
+    seed = cfg.seed if seed is None else seed
     return StageSpec.on(device, image_size=image_size, batch_size=batch_size, num_threads=cfg.workers,
-                        seed=cfg.seed if seed is None else seed,
-                        interp="cubic" if cfg.interp == "bicubic" else "linear",
+                        seed=world.seed(seed), shuffle_seed=seed, shard_id=world.rank,
+                        num_shards=world.world_size, interp="cubic" if cfg.interp == "bicubic" else "linear",
                         rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
                         source_ratio=cfg.source_ratio, handoff=cfg.data_handoff)
 
@@ -121,33 +129,44 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
                  budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
-                 loader: Callable[..., StageLoader] = StageLoader) -> None:
+                 loader: Callable[..., StageLoader] = StageLoader, world: World | None = None) -> None:
         self.cfg, self.run_dir, self.readout, self.budget = cfg, run, readout, budget
         self.train_split, self.val_split = train_split, val_split
         self.stop = stop or StopFlag()
+        # Data-parallel: every rank runs this same loop in lockstep; rank 0's gate decides, the others follow
+        # (see ``sync``), and only rank 0 writes (the others get a RunDir and Readout that write nothing).
+        self.world = world or World()
         self.clock = budget.clock
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", self.world.local_rank)
         self.amp = resolve_amp(cfg.amp, self.device)
-        self.mode, self.mode_note = resolve_step_mode(cfg.step, self.device, self.amp)
+        self.mode, self.mode_note = resolve_step_mode(cfg.step, self.device, self.amp, self.world.distributed)
         self.plan = cfg.plan()
         self.warmup_fraction = cfg.warmup_fraction  # parsed once, read at every step
         # a checkpoint from before train_from existed: its schedule ran over the whole budget
         self.state = TrainState(**{"train_from": 0.0, **resume["state"]}) if resume else TrainState()
         if resume:
             self.state.attempt += 1
-        torch.manual_seed(cfg.seed + self.state.attempt)
+        base_seed = cfg.seed + self.state.attempt
+        torch.manual_seed(base_seed)  # the same on every rank: the same initial weights and EMA copy
 
         s = self.state
         self.step = TrainStep.for_config(cfg, len(train_split.classes), self.device,
-                                         image_size=s.image_size or self.plan.start, mode=self.mode)
+                                         image_size=s.image_size or self.plan.start, mode=self.mode,
+                                         ddp=self.world.distributed)
         self.net = self.step.net
         self.last_eval_s: float | None = resume.get("last_eval_s") if resume else None
         if resume:
             self.load_state_dict(resume)
+            self.restart_epoch_on_new_world(resume)
+        if self.world.rank:  # from here each rank draws its own drop-path masks and batch augmentations
+            torch.manual_seed(self.world.seed(base_seed))
         self.step.steps = s.step
         # with --ema, the averaged weights are what is evaluated and kept
         self.evaluated = self.step.ema.module if self.step.ema is not None else self.net
-        self.evaluate_model = evaluate  # the measured evaluation; tests swap in one that ticks a fake clock
+        # the measured evaluation, its counts summed over ranks; tests swap in one that ticks a fake clock
+        self.evaluate_model = functools.partial(evaluate, world=self.world)
 
         self.gate = StopGate(budget, charge_eval=cfg.budget_counts == "all")
         if self.last_eval_s is not None:
@@ -169,6 +188,13 @@ class Trainer:
         self.last_log_t, self.last_log_images = budget.elapsed, s.images_seen
         self.last_ckpt_t = budget.elapsed
         self._t_prev = budget.elapsed
+        # Between steps the loop asks ``sync`` whether to go on. One process asks its own gate before every step;
+        # data-parallel ranks ask together at steps rank 0 schedules (about one per metrics interval, every step
+        # near the end) and take the lr schedule's clock from rank 0's, extrapolated by its step time in between.
+        self.next_sync = s.step
+        self.synced = False  # the step about to run (or just run) followed a sync
+        self.shared_clock = (budget.elapsed, 0.0, s.step)  # rank 0's (elapsed, step time, step) at the last sync
+        self.stop_signal: str | None = None
         if resume:  # a resumed run enters no stage: its first steps settle the step all the same
             self.gate.begin_stage(self.tokens(s.image_size))
 
@@ -178,12 +204,12 @@ class Trainer:
         self.announce()
         self.probe_evaluation()
         while True:
-            if self.stage_due():
+            if self.agreed(self.stage_due()):
                 self.enter_stage()
             if not self.run_epoch():
                 break  # out of time mid-epoch
             self.end_epoch()
-            if not self.gate.should_continue():
+            if not self.agreed(self.gate.should_continue()):
                 break
         return self.finish()
 
@@ -201,9 +227,9 @@ class Trainer:
         the loader rebuilt (the old pipeline freed), the step re-prepared (a captured graph is recaptured), a
         checkpoint. A stage whose entry cannot fit in what is left is not entered: the run goes on at its size."""
         s, cfg = self.state, self.cfg
-        target = self.target_stage()
+        target = int(self.world.rank0(self.target_stage()))
         size = self.plan.size_of(target)
-        if s.stage >= 0 and not self.gate.can_enter_stage(self.tokens(size)):
+        if s.stage >= 0 and not self.agreed(self.gate.can_enter_stage(self.tokens(size))):
             self.stages_closed = True
             estimate = self.gate.entry_estimate(self.tokens(size)) or 0.0
             self.run_dir.log("stage_skipped", stage=target, image_size=size,
@@ -217,7 +243,7 @@ class Trainer:
         self.gate.begin_stage(self.tokens(size))
         s.stage, s.image_size = target, size
         s.batch_size = stage_batch_size(cfg.batch_size, size, self.plan.final, cfg.stage_batch,
-                                        min(cfg.max_batch, len(self.train_split)))
+                                        min(cfg.max_batch, len(self.train_split) // cfg.world_size))
         s.peak_lr = stage_lr(cfg.peak_lr, s.batch_size, cfg.batch_size)  # the schedule scales it step by step
         self.step.move_to(size)  # the captured graph dropped, the position embedding and its Adam moments resized
         self.train_batches.set_stage(self.spec(size, s.batch_size))
@@ -240,23 +266,34 @@ class Trainer:
     def run_epoch(self) -> bool:
         """Steps until the epoch ends (True) or the gate says there is no time for another (False)."""
         s = self.state
+        # a whole epoch ends with the loader's own end (a sharded reader drains its padding there); a resumed one
+        # after the steps it had left
         steps = len(self.train_batches)
+        stop_at = steps if s.epoch_step else math.inf
         self._t_prev = self.budget.elapsed
         fetch_start = self.clock()
         for images, labels in self.train_batches:
             self.wait_s += self.clock() - fetch_start
-            if self.stop.reason:
-                raise StopRequested(self.stop.reason, self.checkpoint())
-            if not self.gate.should_continue():
-                s.epoch_progress = s.epoch_step / steps
-                return False
+            self.synced = s.step >= self.next_sync
+            if self.synced:
+                verdict = self.sync()
+                if verdict == STOP_DIVERGED:
+                    raise Diverged(f"the loss became non-finite by step {s.step}")
+                if verdict == STOP_SIGNAL:
+                    assert self.stop_signal is not None
+                    raise StopRequested(self.stop_signal, self.checkpoint())
+                if verdict == STOP_BUDGET:
+                    s.epoch_progress = s.epoch_step / steps
+                    return False
+                if verdict == NEXT_STAGE:
+                    self.pass_cut = True  # a time-placed stage begins mid-epoch: this pass ends, the next afresh
+                    break
             self.train_step(images, labels)
-            self.maybe_log()
-            self.maybe_checkpoint()
-            if s.epoch_step >= steps:  # a resumed epoch ends after its remaining steps
-                break
-            if self.plan.timed and self.stage_due():
-                self.pass_cut = True  # a time-placed stage begins mid-epoch: this pass ends, the next starts afresh
+            if self.synced and self.world.is_main:
+                self.maybe_log()
+                self.maybe_checkpoint()
+            if s.epoch_step >= stop_at:  # a resumed epoch ends after its remaining steps, its reader mid-epoch:
+                self.train_batches.close()  # the next epoch starts from a fresh pipeline
                 break
             fetch_start = self.clock()
         s.epoch += 1
@@ -264,9 +301,80 @@ class Trainer:
         s.epoch_progress = 0.0
         return True
 
+    def sync(self) -> int:
+        """Before a step: stop (a non-finite loss, a signal, the budget), end the pass for a time-placed stage, or
+        go on. One process asks its own gate (no device sync: non-finite losses are caught at metrics lines).
+        Data-parallel, every rank asks here at the same step: any rank's signal or non-finite loss stops all, rank
+        0's gate decides the rest, and rank 0 names the step of the next sync and shares its clock."""
+        s = self.state
+        signum = signal.Signals[self.stop.reason].value if self.stop.reason else 0
+        if self.world.distributed and self.step.diverged():  # a host sync, once per sync
+            verdict = STOP_DIVERGED
+        elif signum:
+            verdict = STOP_SIGNAL
+        elif not self.world.is_main:  # the questions of time are rank 0's to answer
+            verdict = CONTINUE
+        elif not self.gate.should_continue():
+            verdict = STOP_BUDGET
+        elif self.plan.timed and s.epoch_step and self.stage_due():
+            verdict = NEXT_STAGE
+        else:
+            verdict = CONTINUE
+        if not self.world.distributed:
+            self.next_sync = s.step + 1
+            self.stop_signal = self.stop.reason
+            return verdict
+        (verdict, signum), (elapsed, step_s, next_in) = self.world.agree(
+            (verdict, signum), (self.budget.elapsed, self.gate.step_s or 0.0, self.steps_to_next_sync()))
+        self.shared_clock = (elapsed, step_s, s.step)
+        self.next_sync = s.step + int(next_in)
+        self.stop_signal = signal.Signals(signum).name if signum else None
+        return verdict
+
+    def steps_to_next_sync(self) -> int:
+        """Rank 0: steps until the ranks next sync — a metrics interval's worth, at most half of the steps that
+        still fit before the reserved end (so the last syncs come closer together), at most until a time-placed
+        stage begins; every step while the step is settling (its time not yet known)."""
+        step_s = self.gate.step_s
+        if self.step.settling or not step_s:
+            return 1
+        fit = (self.budget.remaining - self.budget.reserve_s) / step_s
+        steps = min(math.ceil(self.cfg.log_every_s / step_s), fit / 2)
+        if self.plan.timed and self.state.stage + 1 < self.plan.num_stages:
+            starts = self.plan.starts[self.state.stage + 1] * self.cfg.budget_s
+            steps = min(steps, (starts - self.budget.elapsed) / step_s)
+        return max(1, int(steps))
+
+    def agreed(self, verdict: bool) -> bool:
+        """Rank 0's verdict on a question of time (evaluate now? enter the next stage?), shared by every rank."""
+        return bool(self.world.rank0(float(verdict))) if self.world.distributed else verdict
+
+    @property
+    def fraction(self) -> float:
+        """The share of the budget spent, as the lr schedule reads it: this process's clock, or data-parallel,
+        rank 0's at the last sync extrapolated by its step time (the same number on every rank, so every rank
+        steps with the same lr)."""
+        if not self.world.distributed:
+            return self.budget.fraction
+        elapsed, step_s, at = self.shared_clock
+        return min(1.0, (elapsed + (self.state.step - at) * step_s) / self.cfg.budget_s)
+
+    def restart_epoch_on_new_world(self, resume: dict[str, Any]) -> None:
+        """A checkpoint written by another number of processes: the epoch's shards and steps differ, so the data
+        position restarts at the beginning of the epoch it was in (the budget and the schedule carry over)."""
+        s = self.state
+        before = resume.get("config", {}).get("world_size", 1)
+        if before == self.world.world_size or not s.epoch_step:
+            return
+        self.readout.message(f"resuming on {self.world.world_size} process(es) from a checkpoint of {before}: epoch "
+                             f"{s.epoch} restarts from its beginning ({s.epoch_step} steps of it were done)")
+        self.run_dir.log("resume_world", world_size=self.world.world_size, checkpoint_world_size=before,
+                         epoch=s.epoch, epoch_steps_dropped=s.epoch_step)
+        s.epoch_step, s.epoch_progress = 0, 0.0
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
-        fraction = self.budget.fraction
+        fraction = self.fraction
         if s.train_from < 0:
             s.train_from = min(fraction, 0.5)
         factor = lr_factor(cfg.lr_schedule, (fraction - s.train_from) / (1.0 - s.train_from),
@@ -279,7 +387,7 @@ class Trainer:
             self.step.synchronize()  # once per stage: the entry's cost is measured to its end, not to its launch
         s.step += 1
         s.epoch_step += 1
-        s.images_seen += labels.shape[0]
+        s.images_seen += labels.shape[0] * self.world.world_size  # every rank steps on a full batch of its shard
         now = self.budget.elapsed
         self.gate.record_step(now - self._t_prev, settling=settling)
         self._t_prev = now
@@ -294,7 +402,7 @@ class Trainer:
         cut, self.pass_cut = self.pass_cut, False
         self.last_eval = None
         if (not cut and self.cfg.eval_every and self.state.epoch % self.cfg.eval_every == 0
-                and self.gate.can_evaluate()):
+                and self.agreed(self.gate.can_evaluate())):
             self.evaluate()
 
     def finish(self) -> dict[str, Any]:
@@ -307,7 +415,8 @@ class Trainer:
         self.train_batches.close()
         self.val_batches.close()
         final_checkpoint = self.checkpoint()
-        save_safetensors_atomic(self.evaluated.state_dict(), self.run_dir.path / "model.safetensors")
+        if self.world.is_main:
+            save_safetensors_atomic(self.evaluated.state_dict(), self.run_dir.path / "model.safetensors")
         return {
             "top1": self.last_eval["top1"], "top5": self.last_eval["top5"],
             # passes over the data: a pass cut short by a time-placed stage change counts for what it read
@@ -318,13 +427,15 @@ class Trainer:
             "eval_size": self.cfg.final_eval_size, "stages_reached": s.stage + 1,
             "stages_skipped": self.stages_closed, "params": self.params, "step_mode": self.mode,
             "attempts": s.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(self.run_dir.path)),
-            "device": str(self.device), "state": asdict(s),
+            "device": str(self.device), "world_size": self.world.world_size, "global_batch": self.cfg.global_batch,
+            "state": asdict(s),
         }
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
     def spec(self, size: int, batch: int, train: bool = True) -> StageSpec:  # a new shuffle order per attempt
-        return stage_spec(self.cfg, self.device, size, batch, seed=self.cfg.seed + self.state.attempt, train=train)
+        return stage_spec(self.cfg, self.device, size, batch, seed=self.cfg.seed + self.state.attempt, train=train,
+                          world=self.world)
 
     def tokens(self, size: int) -> int:
         return (size // self.plan.patch) ** 2
@@ -332,7 +443,8 @@ class Trainer:
     def announce(self) -> None:
         cfg, s = self.cfg, self.state
         self.run_dir.log("start", model=cfg.model, params=self.params, device=str(self.device), amp=str(self.amp),
-                         step_mode=self.mode, attempt=s.attempt, train_images=len(self.train_split),
+                         step_mode=self.mode, attempt=s.attempt, world_size=self.world.world_size,
+                         global_batch=cfg.global_batch, train_images=len(self.train_split),
                          val_images=len(self.val_split), stages=[asdict(st) for st in self.plan.stages()],
                          eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
         if self.mode_note:
@@ -341,6 +453,9 @@ class Trainer:
                              f"step {self.mode}, peak lr {cfg.peak_lr:.3g}, {len(self.train_split)} train / "
                              f"{len(self.val_split)} val images, {len(self.train_split.classes)} classes, "
                              f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
+        if self.world.distributed:
+            self.readout.message(f"data-parallel: {self.world.world_size} processes x batch {cfg.batch_size} = "
+                                 f"{cfg.global_batch} images per step (the lr follows the global batch)")
         if not s.attempt:
             for line in plan_lines(self.plan, cfg, len(self.train_split)):
                 self.readout.message(line)
@@ -382,10 +497,10 @@ class Trainer:
         if self.gate.charge_eval:
             self.gate.record_eval(eval_s)
         fields = dict(step=s.step, epoch=round(s.epoch + s.epoch_progress, 4), stage=s.stage,
-                      image_size=self.cfg.final_eval_size, top1=round(result["top1"], 5),
+                      image_size=self.cfg.final_eval_size, images=result.get("images"), top1=round(result["top1"], 5),
                       top5=round(result["top5"], 5), eval_s=round(eval_s, 3), elapsed_s=round(self.budget.elapsed, 3))
         self.run_dir.log("eval", **fields)
-        self.readout.update(**{k: v for k, v in fields.items() if k != "image_size"})
+        self.readout.update(**{k: v for k, v in fields.items() if k not in ("image_size", "images")})
         if self.readout.live:  # plain mode already printed the line
             self.readout.message(f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  "
                                  f"top5 {100 * result['top5']:.2f}%")
@@ -399,11 +514,11 @@ class Trainer:
             return
         assert self.loss is not None
         loss_value = self.loss.item()  # the one host sync per log interval
-        if self.step.diverged():
+        if not self.world.distributed and self.step.diverged():  # data-parallel: every rank checks at a sync
             raise Diverged(f"the loss became non-finite by step {s.step}")
-        ips = (s.images_seen - self.last_log_images) / interval
+        ips = (s.images_seen - self.last_log_images) / interval  # over all ranks
         tflops = ips * self.train_flops / 1e12
-        mfu = float(f"{tflops * 1e12 / self.peak:.4g}") if self.peak else None
+        mfu = float(f"{tflops * 1e12 / (self.peak * self.world.world_size):.4g}") if self.peak else None
         fields = dict(step=s.step, epoch=s.epoch, stage=s.stage, image_size=s.image_size, batch_size=s.batch_size,
                       images_per_sec=round(ips, 2), loss=round(loss_value, 5), lr=s.lr, images_seen=s.images_seen,
                       interval_s=round(interval, 3), data_wait=round(min(1.0, self.wait_s / interval), 4),
@@ -440,8 +555,11 @@ class Trainer:
             self.last_ckpt_t = self.budget.elapsed
 
     def checkpoint(self) -> Path:
+        """Rank 0 writes (every rank holds the same weights and optimizer state); the others return at once."""
+        if not self.world.is_main:
+            return self.run_dir.path / "checkpoints"
         start = self.clock()
-        if self.step.diverged():
+        if not self.world.distributed and self.step.diverged():  # data-parallel: checked by every rank at a sync
             raise Diverged(f"the loss became non-finite by step {self.state.step}")
         path = save_checkpoint(self.run_dir.path / "checkpoints", self.state.step, self.state_dict())
         write_s = self.clock() - start
@@ -471,6 +589,7 @@ class Trainer:
 
 def train(cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
           budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
-          loader: Callable[..., StageLoader] = StageLoader) -> dict[str, Any]:
+          loader: Callable[..., StageLoader] = StageLoader, world: World | None = None) -> dict[str, Any]:
     """Train until the budget ends; returns the summary."""
-    return Trainer(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop, loader=loader).run()
+    return Trainer(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop, loader=loader,
+                   world=world).run()

@@ -72,3 +72,22 @@ class RunDir:
 
     def close(self) -> None:
         self._metrics.close()
+
+
+class NullRunDir(RunDir):
+    """A data-parallel rank other than 0: it knows the run's folder and writes nothing there (rank 0 writes)."""
+
+    def __init__(self, path: Path) -> None:  # no folder made, no metrics file opened
+        self.path = path
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def log(self, event: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

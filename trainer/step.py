@@ -43,14 +43,20 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None) -> tuple[str, str | None]:
+def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None,
+                      distributed: bool = False) -> tuple[str, str | None]:
     """The mode that runs and, where it is not the one asked for, one line saying why.
 
     auto: a captured step on CUDA (bf16 or fp32), eager elsewhere. A captured step cannot hold fp16's grad scaler
-    (it reads its overflow flag on the host) and needs CUDA; those fall back to eager.
+    (it reads its overflow flag on the host) and needs CUDA; those fall back to eager. Under DDP (more than one
+    process) the step is not captured yet: auto compiles on CUDA (DDP's buckets become graph breaks), and an
+    explicit graph falls back to compile.
     """
     if name not in STEP_MODES:
         raise ValueError(f"unknown step mode {name!r}; choose from {', '.join(STEP_MODES)}")
+    if distributed and name in ("auto", "graph") and device.type == "cuda":
+        note = "--step graph: a captured step does not run under DDP yet; compiling the step instead"
+        return "compile", note if name == "graph" else None
     if name == "auto":
         return ("graph" if device.type == "cuda" and amp != torch.float16 else "eager"), None
     if name == "graph" and device.type != "cuda":
@@ -127,22 +133,23 @@ class TrainStep:
 
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, augment: BatchAugment, *,
                  device: torch.device, amp: torch.dtype | None, mode: str = "eager",
-                 ema: ModelEmaV3 | None = None) -> None:
+                 ema: ModelEmaV3 | None = None, ddp: bool = False) -> None:
         if mode == "graph" and (device.type != "cuda" or amp == torch.float16):
             raise ValueError("a captured step needs CUDA and bf16 or fp32 (see resolve_step_mode)")
         if mode not in ("eager", "graph", "compile"):
             raise ValueError(f"unknown step mode {mode!r}")
+        if mode == "graph" and ddp:
+            raise ValueError("a captured step does not run under DDP yet (see resolve_step_mode)")
         self.net, self.optimizer, self.augment, self.ema = net, optimizer, augment, ema
-        self.device, self.amp, self.mode = device, amp, mode
+        self.device, self.amp, self.mode, self.ddp = device, amp, mode, ddp
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
         # With fp16 the grad scaler skips such steps itself.
         self.nonfinite = None if self.scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=device)
-        self.forward = net
         if mode == "compile":
             # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-            self.forward = torch.compile(net, dynamic=False)
+        self.forward = self._wrap()
         self._lr: torch.Tensor | None = None
         if mode == "graph":  # one device tensor shared by every group, set by the host before each replay
             lr = optimizer.param_groups[0]["lr"]
@@ -156,22 +163,35 @@ class TrainStep:
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._static_loss: torch.Tensor | None = None
 
+    def _wrap(self) -> nn.Module:
+        """What the step calls: the model, under DDP when data-parallel (then compiled: wrap, then compile)."""
+        module: nn.Module = self.net
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every rank holds the same weights (DDP broadcasts rank 0's here); gradients are averaged in buckets
+            # as the backward produces them
+            module = DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda"
+                                             else None, gradient_as_bucket_view=True)
+        return torch.compile(module, dynamic=False) if self.mode == "compile" else module
+
     @classmethod
     def for_config(cls, cfg: TrainConfig, num_classes: int, device: torch.device, image_size: int,
-                   mode: str | None = None) -> TrainStep:
+                   mode: str | None = None, ddp: bool = False) -> TrainStep:
         """The model, optimizer, augmentation and EMA that ``cfg`` asks for, on ``device`` (what the trainer
-        builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``."""
+        builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``.
+        ``ddp``: data-parallel under a process group (torchrun)."""
         configure_backends(device)
         amp = resolve_amp(cfg.amp, device)
         if mode is None:
-            mode, _ = resolve_step_mode(cfg.step, device, amp)
+            mode, _ = resolve_step_mode(cfg.step, device, amp, distributed=ddp)
         net = build_model(cfg.model, num_classes=num_classes, image_size=image_size, act=cfg.act,
                           drop_path=cfg.drop_path)
         net = net.to(device, memory_format=torch.channels_last).train()
         optimizer = make_optimizer(net, cfg.weight_decay, cfg.peak_lr, device, graph=mode == "graph")
         ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None
         return cls(net, optimizer, BatchAugment(cfg, num_classes, device), device=device, amp=amp, mode=mode,
-                   ema=ema)
+                   ema=ema, ddp=ddp)
 
     @property
     def captured(self) -> bool:
@@ -208,6 +228,8 @@ class TrainStep:
         resize_for_stage(self.net, self.optimizer, image_size)
         if self.ema is not None:
             set_grid(self.ema.module, image_size)
+        if self.ddp:  # DDP holds the old position-embedding Parameter: wrap the resized model anew
+            self.forward = self._wrap()
 
     def set_lr(self, lr: float) -> None:
         if self._lr is not None:
