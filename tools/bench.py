@@ -13,6 +13,10 @@
                                [--seconds 30]
         The full training loop on synthetic on-device batches vs the bare step (the trainer's own TrainStep): the
         loop's own cost.
+    python tools/bench.py ddp [--device cpu|cuda] [--step eager|compile] [--seconds 60] [--repeats 2]
+        The trainer on the demo data as one plain process and as `torchrun --nproc-per-node 1` (a process group of
+        one, DDP around the model: NCCL on CUDA, gloo on the CPU), alternated, same flags: the steady img/s of each
+        and their ratio, the data-parallel path's own overhead.
     python tools/bench.py small-images [--workers 2] [--repeats 3] [--copy-sizes 64,128] [--source-ratio 2]
         The train pipeline at 32 and 64 px reading ImageNet-sized JPEGs (375-500 px sides) vs reading the smallest
         pre-resized copy whose shorter side is at least source-ratio x the stage size: what --max-size saves.
@@ -280,6 +284,45 @@ def bench_loop(args: argparse.Namespace) -> None:
     print(f"{loop:>16.0f} {bare:>16.0f} {loop / bare:>6.2f}")
 
 
+def _steady_rate(run: Path) -> float:
+    """Median img/s of a run's metrics intervals after the first (which holds start-up and the first compile)."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [e["images_per_sec"] for e in events if e["event"] == "train"][1:]
+    if not rates:
+        raise SystemExit(f"bench ddp: fewer than two metrics intervals in {run}; raise --seconds")
+    return statistics.median(rates)
+
+
+def bench_ddp(args: argparse.Namespace) -> None:
+    import subprocess
+    import tempfile
+
+    flags = ["--data", "demo", "--budget", f"{args.seconds}s", "--eval-every", "0", "--device", args.device,
+             "--step", args.step, "--log-every", f"{min(10.0, args.seconds / 6):g}", "--no-curriculum"]
+    if args.model:
+        flags += ["--model", args.model]
+    if args.size:
+        flags += ["--image-size", str(args.size)]
+    launchers = {"one process": [sys.executable, "-m", "trainer"],
+                 "torchrun, 1 process": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc-per-node", "1", "-m", "trainer"]}
+    rates: dict[str, list[float]] = {name: [] for name in launchers}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for name, launcher in launchers.items():  # alternated, so drift in the machine hits both alike
+                out = Path(tmp) / f"{len(rates[name])}-{name.replace(' ', '_').replace(',', '')}"
+                subprocess.run([*launcher, *flags, "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+                rates[name].append(_steady_rate(out))
+                print(f"repeat {i}: {name}: {rates[name][-1]:.1f} img/s", flush=True)
+    plain, ddp = (statistics.median(r) for r in rates.values())
+    device = torch.device(args.device)
+    print(f"\n$ python tools/bench.py ddp --device {args.device} --step {args.step} --seconds {args.seconds} "
+          f"--repeats {args.repeats}{f' --model {args.model}' if args.model else ''}"
+          f"{f' --size {args.size}' if args.size else ''}   (medians of {args.repeats}, {_device_name(device)})")
+    print(f"{'one process img/s':>18} {'torchrun x1 img/s':>18} {'ratio':>6}")
+    print(f"{plain:>18.1f} {ddp:>18.1f} {ddp / plain:>6.3f}")
+
+
 def _imagenet_sized(root: Path, per_class: int) -> Path:
     """Demo-texture JPEGs at ImageNet's usual sizes (sides 375-500 px, ~500x375 on average), built once."""
     from pipelines.demo_dataset import build_demo_dataset
@@ -396,6 +439,14 @@ def main() -> int:
     lp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     lp.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"),
                     help="the trainer's --step, for the loop and the bare step alike")
+    dd = sub.add_parser("ddp", help="the trainer as one process vs torchrun with one process (DDP's overhead)")
+    dd.add_argument("--seconds", type=int, default=60, help="budget of each run")
+    dd.add_argument("--repeats", type=int, default=2)
+    dd.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    dd.add_argument("--step", default="eager", choices=("eager", "compile"),
+                    help="the same for both (a captured step does not run under DDP yet)")
+    dd.add_argument("--model", default=None, help="default: the demo's")
+    dd.add_argument("--size", type=int, default=None, help="default: the demo's")
     si = sub.add_parser("small-images", help="small-image epochs: full-size JPEGs vs a pre-resized copy")
     si.add_argument("--copy-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128],
                     help="shorter sides of the pre-resized copies")
@@ -414,8 +465,8 @@ def main() -> int:
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model,
-     "loop": bench_loop, "small-images": bench_small_images, "prepare": bench_prepare}[args.bench](args)
+    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
+     "ddp": bench_ddp, "small-images": bench_small_images, "prepare": bench_prepare}[args.bench](args)
     return 0
 
 

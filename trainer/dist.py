@@ -87,7 +87,7 @@ def _collective_device() -> torch.device:
 def world_from_env(env: dict[str, str] | None = None) -> World:
     """The process's place, from the variables `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK); size 1 without."""
     env = os.environ if env is None else env
-    if "RANK" not in env or "WORLD_SIZE" not in env:
+    if not launched(env):
         return World()
     try:
         world = World(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
@@ -100,11 +100,19 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
     return world
 
 
+def launched(env: dict[str, str] | None = None) -> bool:
+    """Started by `torchrun` (or anything that sets its variables)?"""
+    env = os.environ if env is None else env
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
 def init(device: str, timeout_s: float = 600.0) -> World:
-    """Join the default process group when launched by `torchrun` (a no-op for one process). ``device``: the
-    resolved training device, "cuda" (NCCL, one GPU per local rank) or "cpu" (gloo)."""
+    """Join the default process group when launched by `torchrun`, even as its only process (so that
+    `torchrun --nproc-per-node 1` runs the data-parallel path, DDP included: a check of it on one GPU, and its
+    overhead measured); a no-op without `torchrun`. ``device``: the resolved training device, "cuda" (NCCL, one
+    GPU per local rank) or "cpu" (gloo)."""
     world = world_from_env()
-    if world.world_size == 1 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         return world
     if device == "cuda":
         torch.cuda.set_device(world.local_rank)
