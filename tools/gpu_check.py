@@ -1,6 +1,6 @@
 """Check and time the GPU path in one call; print a table of it all, and the issue's targets PASS or FAIL, last.
 
-Usage (a CUDA machine with DALI; about 7 minutes on an H100, the two trainer runs most of it):
+Usage (a CUDA machine with DALI; about 9 minutes on an H100, the three trainer runs most of it):
     python tools/gpu_check.py [--out DIR] [--sizes 32,64,...,224] [--steps 30] [--skip-runs] [--run-budget 100s]
                               [--time-limit 570]
 A smoke test of the script itself on a CPU (graph columns "-", the tiny test model, 30s runs):
@@ -20,8 +20,10 @@ the locality ViT-S (--model), bf16, a 1000-class head and batch 64 (--batch-size
                    tools/prepare_imagenet.py --max-size 64,128,full makes of the data (once, into DIR/demo-prepared):
                    pipeline alone, captured step alone, full loop, data wait
   trainer runs     python -m trainer --preset paper-ours --curriculum 32:32:1 --budget 100s --step graph, then
-                   --step eager: top-1, elapsed vs budget, stages reached, median img/s and data wait of the 'train'
-                   metrics lines, each stage's entry and capture time ('stage_ready' lines)
+                   --step eager, then the eager run under `torchrun --standalone --nproc-per-node 1` (a process group
+                   of one, DDP around the model, NCCL: the data-parallel path's own cost): top-1, elapsed vs budget,
+                   stages reached, median img/s and data wait of the 'train' metrics lines, each stage's entry and
+                   capture time ('stage_ready' lines)
   GPU tests        pytest -q tests/test_step_gpu.py (noted if the file is absent)
 and records the device, torch/DALI/timm versions and CPU cores. DIR/gpu_check.json is rewritten (atomically) after
 each part, so a check cut short keeps what it measured; the runs' directories and logs are in DIR too. A test or
@@ -75,7 +77,7 @@ RUN_CURRICULUM = "32:32:1"  # every stage in the first epochs of a short run, so
 TEST_FILE = "tests/test_step_gpu.py"
 END_RESERVE_S = 15  # kept back from --time-limit for the table and the JSON
 TARGETS = {"loop_224": 3000.0, "loop_32": 12000.0, "loop_vs_step": 0.90, "data_wait": 0.05, "tokens": 30000.0,
-           "top1_gap": 0.02}
+           "top1_gap": 0.02, "ddp1": 0.97}
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
@@ -290,22 +292,29 @@ def decode_check(check: Check, val: Split, size: int = 224) -> dict[str, float]:
     return {"mean_abs_diff": round((g[0].float().cpu() - c[0]).abs().mean().item(), 5)}
 
 
-def trainer_run(check: Check, data: Path, mode: str) -> dict[str, Any]:
-    """One real run of the trainer as a subprocess, and what its summary.json and metrics.jsonl say."""
+TORCHRUN_X1 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+
+
+def trainer_run(check: Check, data: Path, mode: str, name: str | None = None,
+                torchrun: bool = False) -> dict[str, Any]:
+    """One real run of the trainer as a subprocess, and what its summary.json and metrics.jsonl say. ``torchrun``:
+    launched as `torchrun --nproc-per-node 1` (a process group of one, DDP around the model)."""
+    name = name or mode
     args = check.args
     budget_s = check.cfg.budget_s  # --run-budget, parsed by the trainer's own parser in main
     if check.left() < budget_s + 30:  # its imports, first stage and final evaluation need some time too
         return {"step": mode, "skipped": f"{check.left():.0f}s left of --time-limit, the run needs over "
                                           f"{budget_s + 30:.0f}s"}
     timeout = min(args.run_timeout or int(2 * budget_s + 120), int(check.left()))
-    run_dir = args.out / f"run-{mode}"
+    run_dir = args.out / f"run-{name}"
     if run_dir.exists():  # the trainer resumes or refuses a used folder; this one is this check's own
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "trainer", "--data", str(data), "--preset", "paper-ours", "--curriculum",
+    launcher = [*TORCHRUN_X1, "-m", "trainer"] if torchrun else [sys.executable, "-m", "trainer"]
+    cmd = [*launcher, "--data", str(data), "--preset", "paper-ours", "--curriculum",
            RUN_CURRICULUM, "--budget", args.run_budget, "--device", args.device, "--out", str(run_dir),
            "--step", mode, "--log-every", "5", "--model", args.model]
     print("$", " ".join(cmd), flush=True)
-    log = args.out / f"run-{mode}.log"
+    log = args.out / f"run-{name}.log"
     start = time.monotonic()
     result: dict[str, Any] = {"step": mode, "command": cmd, "log": str(log)}
     with open(log, "w") as f:
@@ -319,7 +328,7 @@ def trainer_run(check: Check, data: Path, mode: str) -> dict[str, Any]:
     if result["exit_code"] != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         result.setdefault("error", f"exit code {result['exit_code']}: " + " | ".join(tail))
-        check.failed.append(f"trainer run --step {mode}: {result['error']}")
+        check.failed.append(f"trainer run {name} (--step {mode}): {result['error']}")
         return result
     summary = json.loads((run_dir / "summary.json").read_text())
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -407,6 +416,15 @@ def targets(report: dict[str, Any]) -> list[dict[str, str]]:
     else:
         ok, measured = None, "not run" if not runs or "skipped" in graph or "skipped" in eager else "a run failed"
     out.append({"target": f"graph run top-1 within {100 * t['top1_gap']:.0f} points of the eager run",
+                "measured": measured, "result": _verdict(ok)})
+    ddp1 = runs.get("ddp1", {})
+    if ddp1.get("images_per_sec") and eager.get("images_per_sec"):
+        ratio = ddp1["images_per_sec"] / eager["images_per_sec"]
+        ok, measured = ratio >= t["ddp1"], f"{ddp1['images_per_sec']:.0f} vs {eager['images_per_sec']:.0f} img/s " \
+                                           f"({ratio:.3f})"
+    else:
+        ok, measured = None, "not run" if "skipped" in ddp1 or not ddp1 else "a run failed"
+    out.append({"target": f"torchrun x1 (DDP) eager run >= {t['ddp1']:.2f} x the one-process eager run's img/s",
                 "measured": measured, "result": _verdict(ok)})
     return out
 
@@ -613,11 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     check.say("tests", report["tests"])
     report["runs"] = {}
     if not args.skip_runs:
-        for mode in ("graph", "eager"):
-            run = check.part(f"trainer run --step {mode}", lambda mode=mode: trainer_run(check, data, mode))
-            report["runs"][mode] = run
+        # the last: the eager run again under `torchrun --nproc-per-node 1` (DDP of one; NCCL on CUDA)
+        for name, mode, torchrun in (("graph", "graph", False), ("eager", "eager", False), ("ddp1", "eager", True)):
+            run = check.part(f"trainer run {name}", lambda name=name, mode=mode, torchrun=torchrun:
+                             trainer_run(check, data, mode, name, torchrun))
+            report["runs"][name] = run
             check.save()
-            check.say(f"run {mode}", {k: v for k, v in run.items() if k != "command"})
+            check.say(f"run {name}", {k: v for k, v in run.items() if k != "command"})
 
     report["targets"] = targets(report)
     report["failed"] = check.failed

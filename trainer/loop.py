@@ -8,7 +8,7 @@ import itertools
 import math
 import signal
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, train_split: Split, val_split: Split, run: RunDir, readout: Readout,
                  budget: Budget, resume: dict[str, Any] | None = None, stop: StopFlag | None = None,
                  loader: Callable[..., StageLoader] = StageLoader, world: World | None = None) -> None:
-        self.cfg, self.run_dir, self.readout, self.budget = cfg, run, readout, budget
-        self.train_split, self.val_split = train_split, val_split
-        self.stop = stop or StopFlag()
         # Data-parallel: every rank runs this same loop in lockstep; rank 0's gate decides, the others follow
         # (see ``sync``), and only rank 0 writes (the others get a RunDir and Readout that write nothing).
         self.world = world or World()
+        if cfg.world_size != self.world.world_size:  # the lr rule reads the global batch
+            cfg = replace(cfg, world_size=self.world.world_size)
+        self.cfg, self.run_dir, self.readout, self.budget = cfg, run, readout, budget
+        self.train_split, self.val_split = train_split, val_split
+        self.stop = stop or StopFlag()
         self.clock = budget.clock
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world.distributed:
