@@ -93,7 +93,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, data):
     out = tmp_path / "run"
-    ctx = _launch(["--data", str(data), *TINY, "--budget", "20s", "--out", str(out)], tmp_path)
+    # a stage change on the way (16 then 32 px): the ranks enter it together and DDP is rebuilt around the model
+    ctx = _launch(["--data", str(data), *TINY, "--curriculum", "16:16:2", "--budget", "20s", "--out", str(out)],
+                  tmp_path)
     _join(ctx)
     ranks = _results(tmp_path)
     assert [r["code"] for r in ranks] == [0, 0]
@@ -102,6 +104,7 @@ def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, d
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["lr"] == ranks[1]["lr"]  # one model, one lr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "budget" and summary["world_size"] == 2 and summary["global_batch"] == 4
+    assert summary["stages_reached"] == 2 and summary["image_size"] == 32
     assert summary["steps"] == ranks[0]["step"] and summary["images_seen"] == 4 * summary["steps"]
     assert summary["elapsed_s"] <= 20 + 2
     config = json.loads((out / "config.json").read_text())
