@@ -15,10 +15,11 @@ BASE_IMAGE_SIZE = 224  # every model is created for the 14x14 grid, then moved t
 
 
 def build_model(name: str, *, num_classes: int, image_size: int = BASE_IMAGE_SIZE, act: str = "hswish",
-                drop_path: float | None = None) -> nn.Module:
+                drop_path: float | None = None, fused_ffn: bool = False) -> nn.Module:
     """Create ``name`` through timm and move its position embedding to the grid of ``image_size``.
 
-    ``act`` (the FFN activation ablation) applies to the locality models only.
+    ``act`` (the FFN activation ablation) and ``fused_ffn`` (the FFN's middle as one Triton kernel, h-swish only)
+    apply to the locality models only.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -33,6 +34,10 @@ def build_model(name: str, *, num_classes: int, image_size: int = BASE_IMAGE_SIZ
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
     net = timm.create_model(name, **kwargs)
+    if fused_ffn:
+        if name not in LOCALITY_MODELS:
+            raise ValueError(f"fused_ffn applies to the locality models ({', '.join(LOCALITY_MODELS)}), not {name}")
+        model.locality_vit.set_fused(net, True)
     set_grid(net, image_size)
     return net
 

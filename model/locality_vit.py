@@ -10,9 +10,10 @@ from timm.layers import Attention, DropPath, LayerNorm, LayerScale
 from timm.models import register_model
 from torch import nn
 
+from model.fused_ffn import locality_dwconv
 from model.grid_vit import GridViT, create, grid_to_tokens, split_prefix, tokens_to_grid
 
-__all__ = ["LocalityFeedForward", "LocalityBlock", "LocalityViT", "ACTIVATIONS"]
+__all__ = ["LocalityFeedForward", "LocalityBlock", "LocalityViT", "ACTIVATIONS", "set_fused"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"hswish": nn.Hardswish, "gelu": nn.GELU}
 
@@ -22,7 +23,13 @@ class LocalityFeedForward(nn.Module):
 
     Takes patch tokens only (B, H*W, D) in row-major grid order, which is the order timm's
     PatchEmbed flattens them in. The released code has no bias in fc1, the conv or fc2.
+
+    ``fused`` (h-swish only; set by ``set_fused``): the middle runs as one Triton kernel (``model.fused_ffn``) and the
+    FFN takes the whole sequence (B, P + H*W, D), returning zeros on the P prefix rows (no bias anywhere: the class
+    token gets nothing added, as when it skips the FFN). The weights are the same either way.
     """
+
+    fused = False
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.Hardswish) -> None:
         super().__init__()
@@ -33,6 +40,8 @@ class LocalityFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.fused:
+            return self.fc2(locality_dwconv(self.fc1(x).contiguous(), self.dwconv.weight, *grid))
         x = tokens_to_grid(self.act1(self.fc1(x)), grid)  # channels-last: the layout cuDNN's depth-wise kernels like
         x = grid_to_tokens(self.act2(self.dwconv(x)))
         return self.fc2(x)
@@ -67,9 +76,22 @@ class LocalityBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        if self.mlp.fused:  # the fused FFN adds zeros to the class token: no split, no concatenation
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), grid)))
         prefix, patches = split_prefix(x, grid)
         patches = patches + self.drop_path2(self.ls2(self.mlp(self.norm2(patches), grid)))
         return torch.cat([prefix, patches], dim=1)
+
+
+def set_fused(net: nn.Module, on: bool) -> int:
+    """Run every locality FFN of ``net`` fused (``on``) or as PyTorch ops; returns how many there are. Fused needs
+    the h-swish activation (the kernel's)."""
+    ffns = [m for m in net.modules() if isinstance(m, LocalityFeedForward)]
+    if on and any(not isinstance(m.act1, nn.Hardswish) for m in ffns):
+        raise ValueError("the fused locality FFN computes h-swish; this model's FFN uses another activation")
+    for m in ffns:
+        m.fused = on
+    return len(ffns)
 
 
 class LocalityViT(GridViT):

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Without a GPU, Triton kernels (the fused locality FFN's) run in Triton's interpreter, on CPU tensors. Triton fixes
+# the mode when it is first imported (timm imports it, through torch._dynamo), so it is chosen here, before any test
+# module is imported; on a CUDA machine the kernels compile and run on the GPU as in training.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

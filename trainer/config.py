@@ -175,6 +175,10 @@ class TrainConfig:
                             "stage (bf16 or fp32 on CUDA), compile uses torch.compile, eager runs it op by op "
                             "(auto: graph on CUDA unless --amp fp16, else eager)",
                     choices=("auto", "eager", "graph", "compile"))
+    fused_ffn: str = opt("auto", "the locality FFN's h-swish -> 3x3 depth-wise conv -> h-swish as one Triton kernel "
+                                 "(on: needs CUDA; auto: on on CUDA for the h-swish locality models; off: PyTorch's "
+                                 "ops, the reference). The weights are the same either way",
+                         choices=("auto", "on", "off"))
     workers: int = opt(0, "DALI CPU threads (0: one per core)", type=int)
     data_handoff: str = opt("host", "GPU batches: host waits on the host for each decoded batch; stream makes the "
                                     "training stream wait for it on the device, so the host never blocks on GPU "
@@ -422,8 +426,14 @@ def _check(cfg: TrainConfig) -> None:
             raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")
-    if cfg.device == "cuda":
+    if cfg.fused_ffn == "on" and (cfg.model not in LOCALITY_MODELS or cfg.act != "hswish"):
+        raise ConfigError(f"--fused-ffn on: the fused kernel is the h-swish locality FFN's; {cfg.model} with --act "
+                          f"{cfg.act} has none (use auto or off)")
+    if cfg.device == "cuda" or cfg.fused_ffn == "on":
         import torch  # only here: every other check runs before the heavy imports
 
-        if not torch.cuda.is_available():
+        if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+        if cfg.fused_ffn == "on" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("--fused-ffn on: the Triton kernel runs on CUDA; on the CPU the FFN runs PyTorch's ops "
+                              "(use auto or off)")

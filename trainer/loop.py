@@ -179,6 +179,7 @@ class Trainer:
         self.val_batches = loader(val_split, self.spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False,
                                   device=self.device)
         self.params = sum(p.numel() for p in self.net.parameters())
+        self.fused_ffn = any(getattr(m, "fused", False) for m in self.net.modules())  # --fused-ffn, resolved
         self.peak = peak_flops(self.device)
         self.train_flops = 3.0 * forward_flops(self.net, s.image_size) if s.image_size else 0.0
         self.loss: torch.Tensor | None = None
@@ -428,6 +429,7 @@ class Trainer:
             "stop_reason": "budget", "model": self.cfg.model, "image_size": s.image_size,
             "eval_size": self.cfg.final_eval_size, "stages_reached": s.stage + 1,
             "stages_skipped": self.stages_closed, "params": self.params, "step_mode": self.mode,
+            "fused_ffn": self.fused_ffn,
             "attempts": s.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(self.run_dir.path)),
             "device": str(self.device), "world_size": self.world.world_size, "global_batch": self.cfg.global_batch,
             "state": asdict(s),
@@ -445,15 +447,17 @@ class Trainer:
     def announce(self) -> None:
         cfg, s = self.cfg, self.state
         self.run_dir.log("start", model=cfg.model, params=self.params, device=str(self.device), amp=str(self.amp),
-                         step_mode=self.mode, attempt=s.attempt, world_size=self.world.world_size,
+                         step_mode=self.mode, fused_ffn=self.fused_ffn, attempt=s.attempt,
+                         world_size=self.world.world_size,
                          global_batch=cfg.global_batch, train_images=len(self.train_split),
                          val_images=len(self.val_split), stages=[asdict(st) for st in self.plan.stages()],
                          eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
         if self.mode_note:
             self.readout.message(self.mode_note)
         self.readout.message(f"{cfg.model} ({self.params / 1e6:.1f}M params) on {self.device}, amp {self.amp}, "
-                             f"step {self.mode}, peak lr {cfg.peak_lr:.3g}, {len(self.train_split)} train / "
-                             f"{len(self.val_split)} val images, {len(self.train_split.classes)} classes, "
+                             f"step {self.mode}{', fused FFN' if self.fused_ffn else ''}, peak lr {cfg.peak_lr:.3g}, "
+                             f"{len(self.train_split)} train / {len(self.val_split)} val images, "
+                             f"{len(self.train_split.classes)} classes, "
                              f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
         if self.world.distributed:
             self.readout.message(f"data-parallel: {self.world.world_size} processes x batch {cfg.batch_size} = "

@@ -67,6 +67,16 @@ def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None,
     return name, None
 
 
+def resolve_fused_ffn(name: str, device: torch.device, model: str, act: str) -> bool:
+    """Run the locality FFN's middle as one Triton kernel? auto: on CUDA, for the h-swish locality models (the
+    kernel's case); never on the CPU, where PyTorch's ops are the reference path. ``on`` was checked at parse time."""
+    from model import LOCALITY_MODELS
+
+    if name == "off" or model not in LOCALITY_MODELS or act != "hswish":
+        return False
+    return device.type == "cuda"
+
+
 def configure_backends(device: torch.device) -> None:
     """What every step on CUDA runs with, trainer and benchmarks alike: cuDNN autotuning for the static shapes of a
     stage, TF32 for whatever runs outside autocast."""
@@ -186,7 +196,8 @@ class TrainStep:
         if mode is None:
             mode, _ = resolve_step_mode(cfg.step, device, amp, distributed=ddp)
         net = build_model(cfg.model, num_classes=num_classes, image_size=image_size, act=cfg.act,
-                          drop_path=cfg.drop_path)
+                          drop_path=cfg.drop_path, fused_ffn=resolve_fused_ffn(cfg.fused_ffn, device, cfg.model,
+                                                                               cfg.act))
         net = net.to(device, memory_format=torch.channels_last).train()
         optimizer = make_optimizer(net, cfg.weight_decay, cfg.peak_lr, device, graph=mode == "graph")
         ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None

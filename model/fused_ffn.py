@@ -1,0 +1,154 @@
+"""The middle of the locality FFN fused: h-swish -> 3x3 depth-wise conv (no bias) -> h-swish, in Triton.
+
+PyTorch's path runs it as three passes over the 4D-wide hidden tensor forward (activation, cuDNN's depth-wise conv,
+activation) and more backward, each a full read and write of it; the arithmetic is tiny. Here:
+
+- forward: one pass. Each program reads a tile of pixels x channels and its 3x3 neighbourhood (served from cache),
+  applies h-swish to what it reads, convolves in fp32, applies h-swish, writes once. Nothing is saved but the input.
+- backward: two passes. The first recomputes the conv output (cheaper than storing it), forms the gradient at the
+  conv output, writes it, and reduces the weight gradient per tile in fp32 (summed over tiles by PyTorch: the result
+  is deterministic, no atomics). The second forms the input gradient from it (the transposed 3x3 conv) times the first
+  h-swish's derivative at the input.
+
+The tensors are token sequences as the FFN holds them, ``(B, P + H*W, C)``: ``P`` prefix (class) tokens, then the
+patch grid row-major, channels contiguous. The prefix rows of the output (and of the input gradient) are zero: fc2
+has no bias, so the class token gets nothing added, exactly as when it skips the FFN, and the block needs no split
+and concatenation of its tokens.
+
+It is registered as ``torch.library`` custom ops (``vitbudget::locality_dwconv`` and its backward) with an autograd
+formula and fake (meta) implementations: autograd differentiates it, ``torch.compile`` keeps it as one opaque node
+(Inductor fuses around it; it does not need to see into it, and an opaque op keeps compile time flat), and a CUDA
+graph captures its launches like any kernel's. Kernels run on CUDA, and on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_P = 32  # pixels per program
+BLOCK_C = 64  # channels per program (contiguous in memory: vectorised loads)
+
+
+def reference(h: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """What the fused op computes, in PyTorch ops, on the same ``(B, P + H*W, C)`` layout."""
+    b, n, c = h.shape
+    prefix = n - grid[0] * grid[1]
+    patches = F.hardswish(h[:, prefix:]).reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+    y = F.hardswish(F.conv2d(patches, weight.to(patches.dtype), padding=1, groups=c))
+    y = y.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], c)
+    return torch.cat([y.new_zeros(b, prefix, c), y], dim=1)
+
+
+def available() -> bool:
+    """Can the fused kernels run here? (Triton ships with PyTorch on Linux; a CUDA device is needed.)"""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): the kernels then run on CPU tensors, slowly."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    return bool(knobs.runtime.interpret)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> Any:
+    """The Triton kernels, imported on first use. Triton decides at definition whether a kernel is compiled or
+    interpreted, so with the interpreter on (the CPU tests) a second copy of the module is loaded under its own
+    name, and a process can hold both."""
+    if not interpret:
+        return importlib.import_module("model._fused_kernels")
+    name = "model._fused_kernels_interpreted"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_fused_kernels.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> None:
+    if h.dim() != 3 or not h.is_contiguous():
+        raise ValueError(f"locality_dwconv: expected a contiguous (B, P + H*W, C) tensor, got {tuple(h.shape)}")
+    b, n, c = h.shape
+    if n < height * width or tuple(weight.shape) != (c, 1, 3, 3):
+        raise ValueError(f"locality_dwconv: {tuple(h.shape)} tokens and a weight of {tuple(weight.shape)} do not "
+                         f"fit a {height}x{width} grid of {c} channels")
+
+
+def _grid(b: int, height: int, width: int, c: int) -> tuple[int, int, int]:
+    return (-(-height * width // BLOCK_P), -(-c // BLOCK_C), b)
+
+
+@torch.library.custom_op("vitbudget::locality_dwconv", mutates_args=())
+def locality_dwconv(h: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """h-swish -> 3x3 depth-wise conv (``weight``: (C, 1, 3, 3), no bias, zero padding) -> h-swish on the patch
+    rows of ``h`` (B, P + H*W, C); the P prefix rows of the result are zero."""
+    _check(h, weight, height, width)
+    kernels = _kernels(interpreting())
+    b, n, c = h.shape
+    y = torch.empty_like(h)
+    w = weight.detach().contiguous()
+    kernels.forward_kernel[_grid(b, height, width, c)](h, w, y, n, n - height * width, height, width, c,
+                                               BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return y
+
+
+@locality_dwconv.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("vitbudget::locality_dwconv_backward", mutates_args=())
+def locality_dwconv_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, height: int,
+                             width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``locality_dwconv`` with respect to ``h`` and ``weight`` (fp32 sums, the weight's dtype)."""
+    kernels = _kernels(interpreting())
+    b, n, c = h.shape
+    grad = grad.contiguous()
+    w = weight.detach().contiguous()
+    grid = _grid(b, height, width, c)
+    prefix = n - height * width
+    gz = torch.empty_like(h)
+    parts = torch.empty(b * grid[0], 9, c, device=h.device, dtype=torch.float32)
+    kernels.grad_out_kernel[grid](grad, h, w, gz, parts, n, prefix, height, width, c, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    gh = torch.empty_like(h)
+    kernels.grad_in_kernel[grid](gz, h, w, gh, n, prefix, height, width, c, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    gw = parts.sum(0).t().reshape(c, 1, 3, 3).to(weight.dtype)
+    return gh, gw
+
+
+@locality_dwconv_backward.register_fake
+def _(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, height: int,
+      width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    h, weight, height, width = inputs
+    ctx.save_for_backward(h, weight)
+    ctx.grid = (height, width)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    h, weight = ctx.saved_tensors
+    gh, gw = locality_dwconv_backward(grad, h, weight, *ctx.grid)
+    return gh, gw, None, None
+
+
+locality_dwconv.register_autograd(_backward, setup_context=_setup_context)
