@@ -1,4 +1,5 @@
-"""The fused locality FFN (model/fused_ffn.py) against PyTorch's ops, run on the CPU through Triton's interpreter."""
+"""The fused locality FFN (model/fused_ffn.py) against PyTorch's ops: on a GPU where there is one, else on the CPU
+through Triton's interpreter (tests/conftest.py turns it on)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from trainer.step import resolve_fused_ffn
 
 pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run here")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (batch, grid height, grid width, channels, prefix tokens): odd grids, batch 1, channels over one block and ragged
 SHAPES = [(1, 2, 2, 8, 1), (2, 7, 7, 24, 1), (1, 14, 14, 70, 0), (3, 3, 5, 130, 2)]
 
@@ -23,11 +25,18 @@ if not torch.cuda.is_available() and not ff.interpreting():
                 allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, the reference's cuDNN conv and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _inputs(b: int, height: int, width: int, c: int, prefix: int, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(b * 1000 + height * 10 + c)
     # values across h-swish's three pieces (below -3, the curve, above 3)
-    h = (torch.randn(b, prefix + height * width, c, generator=g) * 2.5).to(dtype).requires_grad_()
-    w = (torch.randn(c, 1, 3, 3, generator=g) * 0.5).requires_grad_()
+    h = (torch.randn(b, prefix + height * width, c, generator=g) * 2.5).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(c, 1, 3, 3, generator=g) * 0.5).to(DEVICE).requires_grad_()
     return h, w
 
 
@@ -55,7 +64,7 @@ def test_half_precision_in_and_out_with_fp32_accumulation(dtype):
     ref = ff.reference(h.float(), w, (height, width))  # the same half-precision inputs, computed in fp32
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # one rounding of the output
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
-    grad = torch.randn(y.shape).to(dtype)
+    grad = torch.randn(y.shape).to(DEVICE, dtype)
     gh, gw = torch.autograd.grad(y, (h, w), grad)
     rh, rw = torch.autograd.grad(ref, (h, w), grad.float())
     # h-swish's derivative jumps at -3 and 3 (0 to -1/2, 3/2 to 1): a conv output within rounding of a jump may take
@@ -73,9 +82,9 @@ def test_the_custom_op_is_registered_consistently():
 
 def test_compile_traces_the_op_and_its_backward_as_one_node():
     torch.manual_seed(0)
-    ffn = LocalityFeedForward(16, 32)
+    ffn = LocalityFeedForward(16, 32).to(DEVICE)
     set_fused(ffn, True)
-    x = torch.randn(2, 1 + 4 * 4, 16, requires_grad=True)
+    x = torch.randn(2, 1 + 4 * 4, 16, device=DEVICE, requires_grad=True)
 
     def loss(module: nn.Module) -> tuple[torch.Tensor, ...]:
         out = module(x, (4, 4))
@@ -87,14 +96,14 @@ def test_compile_traces_the_op_and_its_backward_as_one_node():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("image_size", [32, 48])  # 2x2 and 3x3 patch grids
+@pytest.mark.parametrize("image_size", [48])  # a 3x3 patch grid (the op tests cover 2x2 to 14x14)
 def test_a_fused_model_computes_the_unfused_model_and_shares_its_weights(image_size):
     torch.manual_seed(0)
-    plain = build_model("vit_local_test_patch16", num_classes=3, image_size=image_size)
-    fused = build_model("vit_local_test_patch16", num_classes=3, image_size=image_size, fused_ffn=True)
+    plain = build_model("vit_local_test_patch16", num_classes=3, image_size=image_size).to(DEVICE)
+    fused = build_model("vit_local_test_patch16", num_classes=3, image_size=image_size, fused_ffn=True).to(DEVICE)
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
     fused.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, image_size, image_size)
+    x = torch.randn(2, 3, image_size, image_size, device=DEVICE)
     outs, grads = [], []
     for net in (plain, fused):
         out = net(x)

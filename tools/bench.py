@@ -7,8 +7,14 @@
         Our DALI train pipeline vs a torch DataLoader with torchvision's ImageFolder + RandomResizedCrop + flip +
         normalize, same images, same number of CPU workers/threads, at 32, 64, 128, 224 px: images/s and ratio.
     python tools/bench.py model [--device cpu|cuda] [--step eager|graph|compile] [--batch-size 8] [--repeats 3]
+                                [--fused-ffn auto|on|off] [--sizes 32,64,128,224]
         The product's training step (trainer/step.py's TrainStep: forward, loss, backward, AdamW, as the trainer
         builds it) of the locality ViT-S vs timm's DeiT-S at 32..224 px; --step graph needs --device cuda.
+    python tools/bench.py fused [--batch-size 256] [--size 224] [--curve-steps 200] [--device cuda]
+        The fused locality FFN (model/fused_ffn.py) alone against PyTorch's ops for the same middle (h-swish,
+        channels-last depth-wise conv, h-swish) at ViT-S's hidden width, forward and forward+backward, bf16; then
+        the demo's model trained --curve-steps steps from one seed with the kernel on and off: both loss curves.
+        On the CPU only under TRITON_INTERPRET=1, as a smoke test of the script (no meaningful times).
     python tools/bench.py loop [--device cpu|cuda] [--step auto|eager|graph|compile] [--model M] [--size S]
                                [--seconds 30]
         The full training loop on synthetic on-device batches vs the bare step (the trainer's own TrainStep): the
@@ -184,16 +190,18 @@ def bench_model(args: argparse.Namespace) -> None:
                          "(on the CPU: --step eager or compile)")
     names = ("vit_local_small_patch16", "deit_small_patch16_224")
     flags = ["--data", "synthetic", "--no-curriculum", "--batch-size", str(args.batch_size), "--device", args.device,
-             "--step", args.step, "--min-lr", "0"]  # no schedule here: the floor need not fit a small batch's lr
+             "--step", args.step, "--min-lr", "0",  # no schedule here: the floor need not fit a small batch's lr
+             "--fused-ffn", args.fused_ffn]
     amp = resolve_amp(parse_args(flags).amp, device)
     mode, note = resolve_step_mode(args.step, device, amp)  # graph with fp16 runs eagerly, as in the trainer
     if note:
         print(note, flush=True)
     rows = []
-    for size in SIZES:
+    for size in args.sizes:
         times = {}
         for name in names:
-            cfg = parse_args([*flags, "--model", name, "--image-size", str(size)])
+            cfg = parse_args([*flags, "--model", name, "--image-size", str(size)]
+                             + (["--fused-ffn", "auto"] if name.startswith("deit") else []))
             step = TrainStep.for_config(cfg, 1000, device, image_size=size, mode=mode)
             # one batch as the pipeline hands it over: NHWC memory (a channels-last NCHW view), fp16 on CUDA; the
             # default flags have no batch augmentation, so nothing modifies it in place between steps
@@ -219,9 +227,117 @@ def bench_model(args: argparse.Namespace) -> None:
         rows.append((size, times[names[0]], times[names[1]]))
         print(f"{size} px: ours {rows[-1][1] * 1e3:.0f} ms, DeiT-S {rows[-1][2] * 1e3:.0f} ms", flush=True)
     _ratio_table(f"python tools/bench.py model --device {args.device} --step {args.step} --batch-size "
-                 f"{args.batch_size} --repeats {args.repeats}   (median step time of {args.repeats}, "
-                 f"{_device_name(device)}, {mode} step, amp {_amp_name(amp)})", ("locality ViT-S ms", "DeiT-S ms"),
+                 f"{args.batch_size} --repeats {args.repeats} --fused-ffn {args.fused_ffn} --sizes "
+                 f"{','.join(map(str, args.sizes))}   (median step time of "
+                 f"{args.repeats}, {_device_name(device)}, {mode} step, amp {_amp_name(amp)})",
+                 ("locality ViT-S ms", "DeiT-S ms"),
                  [(size, ours * 1e3, deit * 1e3) for size, ours, deit in rows])
+
+
+def _device_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU, the wall clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def bench_fused(args: argparse.Namespace) -> None:
+    """The fused middle of the locality FFN against PyTorch's ops, alone; then loss curves with it on and off."""
+    import torch.nn.functional as F
+
+    from model import fused_ffn as ff
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench fused: --device cuda, but no CUDA device is available")
+    if device.type == "cpu" and not ff.interpreting():
+        raise SystemExit("bench fused: the kernels run on CUDA; on the CPU set TRITON_INTERPRET=1 (a smoke test)")
+    grid = args.size // 16
+    c = 4 * 384  # ViT-S's hidden width
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    h = torch.randn(args.batch_size, 1 + grid * grid, c, device=device, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(c, 1, 3, 3, device=device)).requires_grad_()
+    g = torch.randn_like(h)
+
+    def pytorch_path() -> torch.Tensor:  # what LocalityFeedForward runs unfused (its patch rows, channels-last)
+        patches = F.hardswish(h[:, 1:]).unflatten(1, (grid, grid)).permute(0, 3, 1, 2)
+        return F.hardswish(F.conv2d(patches, w.to(dtype), padding=1, groups=c)).permute(0, 2, 3, 1).flatten(1, 2)
+
+    def fused() -> torch.Tensor:
+        return ff.locality_dwconv(h, w, grid, grid)
+
+    rows = []
+    for name, fn in (("PyTorch ops", pytorch_path), ("fused", fused)):
+        with torch.no_grad():
+            forward = _device_ms(fn, device, args.repeats)
+
+        def both(fn=fn) -> None:
+            out = fn()
+            out.backward(g[:, -out.shape[1]:])
+
+        rows.append((name, forward, _device_ms(both, device, args.repeats)))
+    shape = f"({args.batch_size}, 1 + {grid}x{grid}, {c}) {str(dtype).removeprefix('torch.')}"
+    print(f"\n$ python tools/bench.py fused --batch-size {args.batch_size} --size {args.size} --device {args.device}"
+          f"   (median of {args.repeats}, {_device_name(device)}, {shape})")
+    print(f"{'':>12} {'forward ms':>11} {'fwd+bwd ms':>11}")
+    for name, forward, both_ms in rows:
+        print(f"{name:>12} {forward:>11.3f} {both_ms:>11.3f}")
+    print(f"{'ratio':>12} {rows[1][1] / rows[0][1]:>11.2f} {rows[1][2] / rows[0][2]:>11.2f}")
+    if args.curve_steps:
+        _fused_curves(args, device)
+
+
+def _fused_curves(args: argparse.Namespace, device: torch.device) -> None:
+    """The demo's model, --curve-steps steps from one seed, the same batches (the DALI pipeline rebuilt with the
+    same seed), the kernel on and off: the two loss curves, printed every tenth of the way."""
+    from model.locality_vit import set_fused
+    from pipelines import index_dataset
+    from trainer.config import parse_args
+    from trainer.loop import stage_spec
+    from trainer.step import TrainStep
+
+    cfg = parse_args(["--data", "demo", "--no-curriculum", "--device", device.type, "--step", args.curve_step,
+                      "--fused-ffn", "off"] + (["--model", args.curve_model] if args.curve_model else [])
+                     + (["--batch-size", str(args.curve_batch_size)] if args.curve_batch_size else []))
+    train, _ = index_dataset(ensure_demo_dataset())
+    curves = {}
+    for on in (False, True):
+        torch.manual_seed(cfg.seed)
+        step = TrainStep.for_config(cfg, len(train.classes), device, image_size=cfg.image_size)
+        set_fused(step.net, on)
+        loader = StageLoader(train, stage_spec(cfg, device, cfg.image_size, cfg.batch_size), train=True,
+                             device=device)
+        losses: list[float] = []
+        while len(losses) < args.curve_steps:
+            for images, labels in loader:
+                losses.append(float(step(images, labels, lr=cfg.peak_lr)))
+                if len(losses) == args.curve_steps:
+                    break
+        loader.close()
+        curves[on] = losses
+        del step
+    off, on = curves[False], curves[True]
+    tail = max(1, len(off) // 4)
+    print(f"\n{cfg.model} at {cfg.image_size} px, batch {cfg.batch_size}, {args.curve_step} step, seed {cfg.seed}: "
+          f"loss with the fused FFN off / on")
+    for k in range(0, len(off), max(1, len(off) // 10)):
+        print(f"  step {k + 1:>4}: {off[k]:.4f} / {on[k]:.4f}")
+    mean_off, mean_on = statistics.mean(off[-tail:]), statistics.mean(on[-tail:])
+    print(f"  mean of the last {tail} steps: {mean_off:.4f} / {mean_on:.4f} ({100 * (mean_on / mean_off - 1):+.2f}%); "
+          f"largest step-wise difference {max(abs(a - b) for a, b in zip(off, on, strict=True)):.4f}")
 
 
 def bench_loop(args: argparse.Namespace) -> None:
@@ -429,6 +545,18 @@ def main() -> int:
     m.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     m.add_argument("--step", default="eager", choices=("eager", "graph", "compile"),
                    help="how TrainStep runs (graph: CUDA only)")
+    m.add_argument("--fused-ffn", default="auto", choices=("auto", "on", "off"), help="the locality model's FFN")
+    m.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=list(SIZES),
+                   help="comma-separated image sizes (default: 32,64,128,224)")
+    fu = sub.add_parser("fused", help="the fused locality FFN alone vs PyTorch's ops; loss curves on and off")
+    fu.add_argument("--batch-size", type=int, default=256)
+    fu.add_argument("--size", type=int, default=224)
+    fu.add_argument("--repeats", type=int, default=20)
+    fu.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    fu.add_argument("--curve-steps", type=int, default=200, help="0: no loss curves")
+    fu.add_argument("--curve-step", default="eager", choices=("eager", "graph", "compile"))
+    fu.add_argument("--curve-model", default=None, help="default: the demo's model")
+    fu.add_argument("--curve-batch-size", type=int, default=None, help="default: the demo's")
     lp = sub.add_parser("loop", help="the full loop on synthetic on-device data vs the bare step")
     lp.add_argument("--model", default="vit_local_tiny_patch16")
     lp.add_argument("--size", type=int, default=64)
@@ -465,8 +593,9 @@ def main() -> int:
     pr.add_argument("--workers", type=int, default=2)
     pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
-     "ddp": bench_ddp, "small-images": bench_small_images, "prepare": bench_prepare}[args.bench](args)
+    benches = {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
+               "ddp": bench_ddp, "fused": bench_fused, "small-images": bench_small_images, "prepare": bench_prepare}
+    benches[args.bench](args)
     return 0
 
 
