@@ -1,4 +1,8 @@
-"""The Triton kernels of ``model.fused_ffn`` (imported by it on first use; see there for what they compute)."""
+"""The Triton kernels of ``model.fused_ffn`` (imported by it on first use; see there for what they compute).
+
+Every kernel works on one tile: ``BLOCK_P`` patch pixels (row-major over the grid) by ``BLOCK_C`` channels of one
+image ``b``, in a ``(B, n_tokens, C)`` sequence whose first ``prefix`` rows are not on the grid.
+"""
 
 import triton
 import triton.language as tl
@@ -15,26 +19,43 @@ def hswish_grad(x):  # as PyTorch's hardswish_backward: 0 below -3, x/3 + 1/2 up
 
 
 @triton.jit
-def conv_tile(src, b, p, c, pm, cm, w_ptr, n_tokens, prefix, height, width, channels,
-              ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FLIP: tl.constexpr):
+def this_tile(height, width, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tile: (its pixel block's index, image, pixels, channels, pixel mask, channel mask)."""
+    pid_p = tl.program_id(0)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_p, tl.program_id(2), p, c, p < height * width, c < channels
+
+
+@triton.jit
+def offsets(b, p, c, n_tokens, prefix, channels):
+    """Element offsets of the tile's pixels' rows."""
+    return b * n_tokens * channels + (prefix + p)[:, None] * channels + c[None, :]
+
+
+@triton.jit
+def load_tap(src, b, p, c, pm, cm, t, n_tokens, prefix, height, width, channels, FLIP: tl.constexpr):
+    """``src`` at each pixel of the tile shifted by 3x3 tap ``t`` (the other way if FLIP), zero off the grid, fp32."""
+    di = t // 3 - 1
+    dj = t % 3 - 1
+    if FLIP:
+        di = -di
+        dj = -dj
+    ii = p // width + di
+    jj = p % width + dj
+    inside = pm & (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
+    return tl.load(src + offsets(b, ii * width + jj, c, n_tokens, prefix, channels),
+                   mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def conv_tile(src, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels,
+              ACT: tl.constexpr, FLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over the 3x3 taps of w[c, tap] * f(src at the pixel shifted by the tap), f = h-swish if ACT; FLIP
     shifts the other way (the transposed conv of the backward)."""
-    i = p // width
-    j = p % width
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    base = src + b * n_tokens * channels
     for t in tl.static_range(9):
-        di = t // 3 - 1
-        dj = t % 3 - 1
-        if FLIP:
-            ii = i - di
-            jj = j - dj
-        else:
-            ii = i + di
-            jj = j + dj
-        inside = pm & (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
-        offs = (prefix + ii * width + jj)[:, None] * channels + c[None, :]
-        x = tl.load(base + offs, mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        x = load_tap(src, b, p, c, pm, cm, t, n_tokens, prefix, height, width, channels, FLIP)
         if ACT:
             x = hswish(x)
         w = tl.load(w_ptr + c * 9 + t, mask=cm, other=0.0).to(tl.float32)
@@ -52,14 +73,11 @@ def zero_prefix(dst, b, c, cm, n_tokens, prefix, channels, BLOCK_C: tl.constexpr
 @triton.jit
 def forward_kernel(h_ptr, w_ptr, y_ptr, n_tokens, prefix, height, width, channels,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm, cm = p < height * width, c < channels
-    z = conv_tile(h_ptr, b, p, c, pm, cm, w_ptr, n_tokens, prefix, height, width, channels,
-                  True, BLOCK_P, BLOCK_C, False)
-    offs = b * n_tokens * channels + (prefix + p)[:, None] * channels + c[None, :]
-    tl.store(y_ptr + offs, hswish(z).to(y_ptr.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
+    z = conv_tile(h_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, True, False,
+                  BLOCK_P, BLOCK_C)
+    tl.store(y_ptr + offsets(b, p, c, n_tokens, prefix, channels), hswish(z).to(y_ptr.dtype.element_ty),
+             mask=pm[:, None] & cm[None, :])
     if pid_p == 0:
         zero_prefix(y_ptr, b, c, cm, n_tokens, prefix, channels, BLOCK_C)
 
@@ -69,29 +87,18 @@ def grad_out_kernel(gy_ptr, h_ptr, w_ptr, gz_ptr, gw_part_ptr, n_tokens, prefix,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """gz = gy * h-swish'(z) at the conv's output (z recomputed), and this tile's share of the weight
     gradient, sum over its pixels of gz * h-swish(h at the pixel shifted by each tap)."""
-    pid_p, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm, cm = p < height * width, c < channels
+    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
     mask = pm[:, None] & cm[None, :]
-    z = conv_tile(h_ptr, b, p, c, pm, cm, w_ptr, n_tokens, prefix, height, width, channels,
-                  True, BLOCK_P, BLOCK_C, False)
-    offs = b * n_tokens * channels + (prefix + p)[:, None] * channels + c[None, :]
+    z = conv_tile(h_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, True, False,
+                  BLOCK_P, BLOCK_C)
+    offs = offsets(b, p, c, n_tokens, prefix, channels)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gz = gy * hswish_grad(z)
-    gz = tl.where(mask, gz, 0.0)
+    gz = tl.where(mask, gy * hswish_grad(z), 0.0)
     tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
-    i = p // width
-    j = p % width
     row = (b * tl.num_programs(0) + pid_p) * 9
     for t in tl.static_range(9):
-        ii = i + (t // 3 - 1)
-        jj = j + (t % 3 - 1)
-        inside = pm & (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
-        x = tl.load(h_ptr + b * n_tokens * channels + (prefix + ii * width + jj)[:, None] * channels
-                    + c[None, :], mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        part = tl.sum(gz * hswish(x), axis=0)
-        tl.store(gw_part_ptr + (row + t) * channels + c, part, mask=cm)
+        x = load_tap(h_ptr, b, p, c, pm, cm, t, n_tokens, prefix, height, width, channels, False)
+        tl.store(gw_part_ptr + (row + t) * channels + c, tl.sum(gz * hswish(x), axis=0), mask=cm)
 
 
 @triton.jit
@@ -99,14 +106,11 @@ def grad_in_kernel(gz_ptr, h_ptr, w_ptr, gh_ptr, n_tokens, prefix, height, width
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """gh = h-swish'(h) * (the transposed 3x3 conv of gz): every output pixel a tap reached sends its gradient
     back through that tap."""
-    pid_p, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    pm, cm = p < height * width, c < channels
+    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
     mask = pm[:, None] & cm[None, :]
-    ga = conv_tile(gz_ptr, b, p, c, pm, cm, w_ptr, n_tokens, prefix, height, width, channels,
-                   False, BLOCK_P, BLOCK_C, True)
-    offs = b * n_tokens * channels + (prefix + p)[:, None] * channels + c[None, :]
+    ga = conv_tile(gz_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, False, True,
+                   BLOCK_P, BLOCK_C)
+    offs = offsets(b, p, c, n_tokens, prefix, channels)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(gh_ptr + offs, (ga * hswish_grad(h)).to(gh_ptr.dtype.element_ty), mask=mask)
     if pid_p == 0:
