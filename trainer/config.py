@@ -437,3 +437,8 @@ def _check(cfg: TrainConfig) -> None:
         if cfg.fused_ffn == "on" and (cfg.device == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("--fused-ffn on: the Triton kernel runs on CUDA; on the CPU the FFN runs PyTorch's ops "
                               "(use auto or off)")
+        from model import fused_ffn
+
+        if cfg.fused_ffn == "on" and not fused_ffn.available():
+            raise ConfigError("--fused-ffn on: Triton is not installed (it ships with PyTorch's Linux wheels); use "
+                              "auto or off")

@@ -70,11 +70,11 @@ def resolve_step_mode(name: str, device: torch.device, amp: torch.dtype | None,
 def resolve_fused_ffn(name: str, device: torch.device, model: str, act: str) -> bool:
     """Run the locality FFN's middle as one Triton kernel? auto: on CUDA, for the h-swish locality models (the
     kernel's case); never on the CPU, where PyTorch's ops are the reference path. ``on`` was checked at parse time."""
-    from model import LOCALITY_MODELS
+    from model import LOCALITY_MODELS, fused_ffn
 
     if name == "off" or model not in LOCALITY_MODELS or act != "hswish":
         return False
-    return device.type == "cuda"
+    return device.type == "cuda" and (name == "on" or fused_ffn.available())
 
 
 def configure_backends(device: torch.device) -> None:
