@@ -24,7 +24,7 @@ the locality ViT-S (--model), bf16, a 1000-class head and batch 64 (--batch-size
                    of one, DDP around the model, NCCL: the data-parallel path's own cost): top-1, elapsed vs budget,
                    stages reached, median img/s and data wait of the 'train' metrics lines, each stage's entry and
                    capture time ('stage_ready' lines)
-  GPU tests        pytest -q tests/test_step_gpu.py (noted if the file is absent)
+  GPU tests        pytest -q tests/test_step_gpu.py tests/test_fused_ffn.py (noted if a file is absent)
 and records the device, torch/DALI/timm versions and CPU cores. DIR/gpu_check.json is rewritten (atomically) after
 each part, so a check cut short keeps what it measured; the runs' directories and logs are in DIR too. A test or
 run that cannot fit in what is left of --time-limit is skipped (and killed should it overrun), so the table is
@@ -74,7 +74,8 @@ TOKENS_SIZES = (32, 64)
 COPIES = "64,128,full"  # with --source-ratio 2: the 32-px stage reads the 64-px copy, the 64-px stage the 128-px one
 NUM_CLASSES = 1000  # an ImageNet head for the timed steps; the demo's labels (0..9) are valid labels for it
 RUN_CURRICULUM = "32:32:1"  # every stage in the first epochs of a short run, so the runs cross all stage entries
-TEST_FILE = "tests/test_step_gpu.py"
+TEST_FILES = ("tests/test_step_gpu.py", "tests/test_fused_ffn.py")  # the tests that need a GPU to mean it
+TEST_NAMES = " ".join(TEST_FILES)
 END_RESERVE_S = 15  # kept back from --time-limit for the table and the JSON
 TARGETS = {"loop_224": 3000.0, "loop_32": 12000.0, "loop_vs_step": 0.90, "data_wait": 0.05, "tokens": 30000.0,
            "top1_gap": 0.02, "ddp1": 0.97}
@@ -348,24 +349,25 @@ def trainer_run(check: Check, data: Path, mode: str, name: str | None = None,
 
 
 def gpu_tests(check: Check) -> dict[str, Any]:
-    if not (REPO / TEST_FILE).is_file():
-        return {"status": "absent", "last_line": f"{TEST_FILE} does not exist (yet)"}
+    missing = [f for f in TEST_FILES if not (REPO / f).is_file()]
+    if missing:
+        return {"status": "absent", "last_line": f"{', '.join(missing)} does not exist (yet)"}
     timeout = min(check.args.test_timeout, int(check.left()))
     if timeout < 30:
         return {"status": "skipped", "last_line": f"{check.left():.0f}s left of --time-limit"}
-    cmd = [sys.executable, "-m", "pytest", "-q", TEST_FILE]
+    cmd = [sys.executable, "-m", "pytest", "-q", *TEST_FILES]
     print("$", " ".join(cmd), flush=True)
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        check.failed.append(f"{TEST_FILE}: killed after {timeout}s")
+        check.failed.append(f"{TEST_NAMES}: killed after {timeout}s")
         return {"status": "timeout", "last_line": f"killed after {timeout}s"}
-    (check.args.out / "test_step_gpu.log").write_text(proc.stdout + proc.stderr)
+    (check.args.out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     status = "passed" if proc.returncode == 0 else "failed"
     if status == "failed":
-        check.failed.append(f"{TEST_FILE}: exit code {proc.returncode}")
+        check.failed.append(f"{TEST_NAMES}: exit code {proc.returncode}")
     return {"status": status, "exit_code": proc.returncode, "last_line": lines[-1] if lines else "",
             "wall_s": round(time.monotonic() - start, 1)}
 
@@ -506,7 +508,7 @@ def table(report: dict[str, Any]) -> str:
             ready = "  ".join(f"{s['image_size']}:{s['entry_s']:.2f}/{s['capture_s']:.2f}" for s in r["stage_ready"])
             lines.append(f"{'':>6} stage_ready px:entry_s/capture_s  {ready}")
     tests = report.get("tests", {})
-    lines += ["", f"{TEST_FILE}: {tests.get('status', 'not run')} - {tests.get('last_line', '')}", "",
+    lines += ["", f"{TEST_NAMES}: {tests.get('status', 'not run')} - {tests.get('last_line', '')}", "",
               "targets:"]
     for t in report.get("targets", []):
         lines.append(f"  {t['result']:<4}  {t['target']}: {t['measured']}")
