@@ -20,7 +20,7 @@ from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
 from trainer.rundir import NullRunDir, RunDir
 
-Say = Callable[[str], None]
+Say = Callable[..., None]  # say(text, err=False): rank 0 prints it (to stderr with err=True)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -59,7 +59,7 @@ def _prepare_out(cfg: TrainConfig, say: Say) -> tuple[TrainConfig, Path, dict[st
         raise ConfigError(f"{out} already finished its budget (see its summary.json); choose a new --out")
     loaded = load_latest(out / "checkpoints")
     for path, why in loaded.skipped:
-        say(f"vit-train: warning: skipping unreadable checkpoint {path} ({why})")
+        say(f"vit-train: warning: skipping unreadable checkpoint {path} ({why})", err=True)
     say(f"resuming {out} from {loaded.path.name} (step {loaded.payload['state']['step']}, "
         f"{loaded.payload['budget_spent_s']:.0f}s of the budget already spent)")
     return load_run_config(out), out, {**loaded.payload, "path": str(loaded.path)}
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     except (ConfigError, NoCheckpointError) as e:  # the same flags on every rank: rank 0 says it
         return _fail(str(e)) if world.is_main else 2
     try:
-        world = dist.init(_training_device(cfg))  # torchrun: join the process group (a no-op for one process)
+        world = dist.init(_training_device(cfg))  # under torchrun: join the process group (else a no-op)
         return _main(cfg, world, started_at)
     finally:
         dist.shutdown()
@@ -122,9 +122,9 @@ def _training_device(cfg: TrainConfig) -> str:
 
 
 def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
-    def say(text: str) -> None:  # rank 0 speaks for the run
+    def say(text: str, err: bool = False) -> None:  # rank 0 speaks for the run
         if world.is_main:
-            print(text, flush=True)
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
     failure, root = None, None
     try:
