@@ -20,11 +20,13 @@ def hswish_grad(x):  # as PyTorch's hardswish_backward: 0 below -3, x/3 + 1/2 up
 
 @triton.jit
 def this_tile(height, width, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tile: (its pixel block's index, image, pixels, channels, pixel mask, channel mask)."""
+    """The program's tile: its pixel block's index, image, pixels, channels, their masks and the tile's mask."""
     pid_p = tl.program_id(0)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return pid_p, tl.program_id(2), p, c, p < height * width, c < channels
+    pm = p < height * width
+    cm = c < channels
+    return pid_p, tl.program_id(2), p, c, pm, cm, pm[:, None] & cm[None, :]
 
 
 @triton.jit
@@ -73,11 +75,10 @@ def zero_prefix(dst, b, c, cm, n_tokens, prefix, channels, BLOCK_C: tl.constexpr
 @triton.jit
 def forward_kernel(h_ptr, w_ptr, y_ptr, n_tokens, prefix, height, width, channels,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
+    pid_p, b, p, c, pm, cm, mask = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
     z = conv_tile(h_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, True, False,
                   BLOCK_P, BLOCK_C)
-    tl.store(y_ptr + offsets(b, p, c, n_tokens, prefix, channels), hswish(z).to(y_ptr.dtype.element_ty),
-             mask=pm[:, None] & cm[None, :])
+    tl.store(y_ptr + offsets(b, p, c, n_tokens, prefix, channels), hswish(z).to(y_ptr.dtype.element_ty), mask=mask)
     if pid_p == 0:
         zero_prefix(y_ptr, b, c, cm, n_tokens, prefix, channels, BLOCK_C)
 
@@ -87,8 +88,7 @@ def grad_out_kernel(gy_ptr, h_ptr, w_ptr, gz_ptr, gw_part_ptr, n_tokens, prefix,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """gz = gy * h-swish'(z) at the conv's output (z recomputed), and this tile's share of the weight
     gradient, sum over its pixels of gz * h-swish(h at the pixel shifted by each tap)."""
-    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
-    mask = pm[:, None] & cm[None, :]
+    pid_p, b, p, c, pm, cm, mask = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
     z = conv_tile(h_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, True, False,
                   BLOCK_P, BLOCK_C)
     offs = offsets(b, p, c, n_tokens, prefix, channels)
@@ -106,8 +106,7 @@ def grad_in_kernel(gz_ptr, h_ptr, w_ptr, gh_ptr, n_tokens, prefix, height, width
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """gh = h-swish'(h) * (the transposed 3x3 conv of gz): every output pixel a tap reached sends its gradient
     back through that tap."""
-    pid_p, b, p, c, pm, cm = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
-    mask = pm[:, None] & cm[None, :]
+    pid_p, b, p, c, pm, cm, mask = this_tile(height, width, channels, BLOCK_P, BLOCK_C)
     ga = conv_tile(gz_ptr, w_ptr, b, p, c, pm, cm, n_tokens, prefix, height, width, channels, False, True,
                    BLOCK_P, BLOCK_C)
     offs = offsets(b, p, c, n_tokens, prefix, channels)
