@@ -6,9 +6,9 @@ activation) and more backward, each a full read and write of it; the arithmetic 
 - forward: one pass. Each program reads a tile of pixels x channels and its 3x3 neighbourhood (served from cache),
   applies h-swish to what it reads, convolves in fp32, applies h-swish, writes once. Nothing is saved but the input.
 - backward: two passes. The first recomputes the conv output (cheaper than storing it), forms the gradient at the
-  conv output, writes it, and reduces the weight gradient per tile in fp32 (summed over tiles by PyTorch: the result
-  is deterministic, no atomics). The second forms the input gradient from it (the transposed 3x3 conv) times the first
-  h-swish's derivative at the input.
+  conv output, writes it, and reduces the weight gradient in registers, per tile over 8 images, in fp32 (PyTorch
+  adds those partial sums: the result is deterministic, no atomics). The second forms the input gradient from it
+  (the transposed 3x3 conv) times the first h-swish's derivative at the input.
 
 The tensors are token sequences as the FFN holds them, ``(B, P + H*W, C)``: ``P`` prefix (class) tokens, then the
 patch grid row-major, channels contiguous. The prefix rows of the output (and of the input gradient) are zero: fc2
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 BLOCK_P = 32  # pixels per program
 BLOCK_C = 64  # channels per program (contiguous in memory: vectorised loads)
+GRAD_IMAGES = 8  # images per program in the weight gradient's pass: fewer partial rows to write and sum
 
 
 def reference(h: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -125,8 +126,10 @@ def locality_dwconv_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.
     grid = _grid(b, height, width, c)
     prefix = n - height * width
     gz = torch.empty_like(h)
-    parts = torch.empty(b * grid[0], 9, c, device=h.device, dtype=torch.float32)
-    kernels.grad_out_kernel[grid](grad, h, w, gz, parts, n, prefix, height, width, c, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    chunks = -(-b // GRAD_IMAGES)
+    parts = torch.empty(chunks * grid[0], 9, c, device=h.device, dtype=torch.float32)
+    kernels.grad_out_kernel[(grid[0], grid[1], chunks)](grad, h, w, gz, parts, b, n, prefix, height, width, c,
+                                                       BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, IMAGES=GRAD_IMAGES)
     gh = torch.empty_like(h)
     kernels.grad_in_kernel[grid](gz, h, w, gh, n, prefix, height, width, c, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     gw = parts.sum(0).t().reshape(c, 1, 3, 3).to(weight.dtype)

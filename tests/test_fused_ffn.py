@@ -16,8 +16,9 @@ from trainer.step import resolve_fused_ffn
 pytest.importorskip("triton", reason="Triton is not installed: the fused kernels cannot run here")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# (batch, grid height, grid width, channels, prefix tokens): odd grids, batch 1, channels over one block and ragged
-SHAPES = [(1, 2, 2, 8, 1), (2, 7, 7, 24, 1), (1, 14, 14, 70, 0), (3, 3, 5, 130, 2)]
+# (batch, grid height, grid width, channels, prefix tokens): odd grids, batch 1, channels over one block and ragged,
+# a batch over one weight-gradient chunk (model.fused_ffn.GRAD_IMAGES) and ragged
+SHAPES = [(1, 2, 2, 8, 1), (2, 7, 7, 24, 1), (1, 14, 14, 70, 0), (3, 3, 5, 130, 2), (10, 2, 3, 8, 1)]
 
 
 if not torch.cuda.is_available() and not ff.interpreting():
