@@ -34,19 +34,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.grid_vit import grid_to_tokens, split_prefix, tokens_to_grid
+
 BLOCK_P = 32  # pixels per program
 BLOCK_C = 64  # channels per program (contiguous in memory: vectorised loads)
 GRAD_IMAGES = 8  # images per program in the weight gradient's pass: fewer partial rows to write and sum
 
 
+def unfused(patches: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The same middle in PyTorch's ops, as the unfused locality FFN runs it on its patch tokens (B, H*W, C)."""
+    x = tokens_to_grid(F.hardswish(patches), grid)
+    return grid_to_tokens(F.hardswish(F.conv2d(x, weight.to(x.dtype), padding=1, groups=x.shape[1])))
+
+
 def reference(h: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """What the fused op computes, in PyTorch ops, on the same ``(B, P + H*W, C)`` layout."""
-    b, n, c = h.shape
-    prefix = n - grid[0] * grid[1]
-    patches = F.hardswish(h[:, prefix:]).reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
-    y = F.hardswish(F.conv2d(patches, weight.to(patches.dtype), padding=1, groups=c))
-    y = y.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], c)
-    return torch.cat([y.new_zeros(b, prefix, c), y], dim=1)
+    prefix, patches = split_prefix(h, grid)
+    return torch.cat([torch.zeros_like(prefix), unfused(patches, weight, grid)], dim=1)
 
 
 def available() -> bool:

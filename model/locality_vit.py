@@ -83,15 +83,14 @@ class LocalityBlock(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
-def set_fused(net: nn.Module, on: bool) -> int:
-    """Run every locality FFN of ``net`` fused (``on``) or as PyTorch ops; returns how many there are. Fused needs
-    the h-swish activation (the kernel's)."""
+def set_fused(net: nn.Module, on: bool) -> None:
+    """Run every locality FFN of ``net`` fused (``on``) or as PyTorch ops. Fused needs the h-swish activation (the
+    kernel's)."""
     ffns = [m for m in net.modules() if isinstance(m, LocalityFeedForward)]
     if on and any(not isinstance(m.act1, nn.Hardswish) for m in ffns):
         raise ValueError("the fused locality FFN computes h-swish; this model's FFN uses another activation")
     for m in ffns:
         m.fused = on
-    return len(ffns)
 
 
 class LocalityViT(GridViT):

@@ -236,28 +236,25 @@ def bench_model(args: argparse.Namespace) -> None:
 
 def _device_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
     """Median milliseconds of ``fn()`` (CUDA events on a GPU, the wall clock elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    def once() -> float:
+        if device.type != "cuda":
             t = time.perf_counter()
             fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
+            return 1e3 * (time.perf_counter() - t)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    for _ in range(warmup):
+        fn()
+    return _median_of(repeats, once)
 
 
 def bench_fused(args: argparse.Namespace) -> None:
     """The fused middle of the locality FFN against PyTorch's ops, alone; then loss curves with it on and off."""
-    import torch.nn.functional as F
-
     from model import fused_ffn as ff
 
     device = torch.device(args.device)
@@ -272,9 +269,8 @@ def bench_fused(args: argparse.Namespace) -> None:
     w = (0.3 * torch.randn(c, 1, 3, 3, device=device)).requires_grad_()
     g = torch.randn_like(h)
 
-    def pytorch_path() -> torch.Tensor:  # what LocalityFeedForward runs unfused (its patch rows, channels-last)
-        patches = F.hardswish(h[:, 1:]).unflatten(1, (grid, grid)).permute(0, 3, 1, 2)
-        return F.hardswish(F.conv2d(patches, w.to(dtype), padding=1, groups=c)).permute(0, 2, 3, 1).flatten(1, 2)
+    def pytorch_path() -> torch.Tensor:  # what LocalityFeedForward runs unfused, on its patch rows
+        return ff.unfused(h[:, 1:], w, (grid, grid))
 
     def fused() -> torch.Tensor:
         return ff.locality_dwconv(h, w, grid, grid)
@@ -378,12 +374,7 @@ def bench_loop(args: argparse.Namespace) -> None:
                               console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
             train(cfg, fake, fake, run, readout, budget, loader=synthetic)
             run.close()
-            events = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-        # steady state: the metrics intervals after the first (which holds model build, FLOP count, warm-up)
-        rates = [e["images_per_sec"] for e in events if e["event"] == "train"][1:]
-        if not rates:
-            raise SystemExit(f"bench loop: fewer than two metrics intervals in {args.seconds}s; raise --seconds")
-        loops.append(statistics.median(rates))
+            loops.append(_steady_rate(run.path))  # the intervals after the first (model build, FLOPs, warm-up)
         # the bare step: the trainer's own factory, mode resolved from the same flags (--step, --amp)
         step = TrainStep.for_config(cfg, 1000, device, image_size=args.size)
         warmup = max(3, step.settle_steps + 1)  # compile, or a graph's warm-up and capture, are not timed
@@ -405,7 +396,7 @@ def _steady_rate(run: Path) -> float:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [e["images_per_sec"] for e in events if e["event"] == "train"][1:]
     if not rates:
-        raise SystemExit(f"bench ddp: fewer than two metrics intervals in {run}; raise --seconds")
+        raise SystemExit(f"bench: fewer than two metrics intervals in {run}; raise --seconds")
     return statistics.median(rates)
 
 

@@ -80,10 +80,11 @@ def _install_signal_handlers(stop: StopFlag) -> None:
 def _checks_passed(world: dist.World, failure: str | None) -> bool:
     """Every rank's checks, agreed: any failure ends every rank (exit 2, nothing written). The message is printed
     once, by rank 0, or where rank 0 passed, by each rank that failed (a folder missing on one node)."""
-    (failed_anywhere,), (failed_on_0,) = world.agree((failure is not None,), (float(failure is not None),))
+    failed_on_0 = world.rank0(failure is not None)
+    passed = world.all_ok(failure is None)
     if failure is not None and (world.is_main or not failed_on_0):
         _fail(failure)
-    return not failed_anywhere
+    return passed
 
 
 def run() -> int:

@@ -432,13 +432,15 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.device == "cuda" or cfg.fused_ffn == "on":
         import torch  # only here: every other check runs before the heavy imports
 
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda:
             raise ConfigError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
-        if cfg.fused_ffn == "on" and (cfg.device == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError("--fused-ffn on: the Triton kernel runs on CUDA; on the CPU the FFN runs PyTorch's ops "
-                              "(use auto or off)")
-        from model import fused_ffn
+        if cfg.fused_ffn == "on":
+            from model import fused_ffn
 
-        if cfg.fused_ffn == "on" and not fused_ffn.available():
-            raise ConfigError("--fused-ffn on: Triton is not installed (it ships with PyTorch's Linux wheels); use "
-                              "auto or off")
+            if cfg.device == "cpu" or not cuda:
+                raise ConfigError("--fused-ffn on: the Triton kernel runs on CUDA; on the CPU the FFN runs PyTorch's "
+                                  "ops (use auto or off)")
+            if not fused_ffn.available():
+                raise ConfigError("--fused-ffn on: Triton is not installed (it ships with PyTorch's Linux wheels); "
+                                  "use auto or off")

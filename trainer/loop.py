@@ -350,7 +350,7 @@ class Trainer:
 
     def agreed(self, verdict: bool) -> bool:
         """Rank 0's verdict on a question of time (evaluate now? enter the next stage?), shared by every rank."""
-        return bool(self.world.rank0(float(verdict))) if self.world.distributed else verdict
+        return bool(self.world.rank0(verdict))
 
     @property
     def fraction(self) -> float:
