@@ -3,6 +3,8 @@ through Triton's interpreter (tests/conftest.py turns it on)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -27,10 +29,22 @@ if not torch.cuda.is_available() and not ff.interpreting():
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU, the reference's cuDNN conv and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def exact_fp32_reference() -> Iterator[None]:
+    """On a GPU, the reference's cuDNN conv and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default).
+
+    Saved and restored with PyTorch's own setters, not monkeypatched: torch's backend flags are served by a module
+    ``__getattr__``, which pytest 9's monkeypatch undoes as a missing attribute (a ``delattr`` that fails). The
+    legacy setters, not ``fp32_precision``: PyTorch refuses to read the flags once the two APIs are mixed, and the
+    trainer (``configure_backends``) and Inductor use the legacy ones."""
+    cudnn = torch.backends.cudnn
+    saved_matmul = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(saved_matmul)
 
 
 def _inputs(b: int, height: int, width: int, c: int, prefix: int, dtype: torch.dtype = torch.float32):
