@@ -53,6 +53,12 @@ def _rank_main(rank: int, port: int, argv: list[str], work: str) -> None:
     Path(work, f"rank{rank}.json").write_text(json.dumps(record))
 
 
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,11 +97,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_colour_dataset(tmp_path_factory.mktemp("dist-data"), train_per_class=20, val_per_class=5)
 
 
-def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, data):
+def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, data, monkeypatch):
     out = tmp_path / "run"
+    track = ["--track", "tensorboard,mlflow"] if _installed("tensorboard", "mlflow") else []
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, beside the run directory
     # a stage change on the way (16 then 32 px): the ranks enter it together and DDP is rebuilt around the model
-    ctx = _launch(["--data", str(data), *TINY, "--curriculum", "16:16:2", "--budget", "20s", "--out", str(out)],
-                  tmp_path)
+    ctx = _launch(["--data", str(data), *TINY, "--curriculum", "16:16:2", "--budget", "20s", "--out", str(out),
+                   *track], tmp_path)
     _join(ctx)
     ranks = _results(tmp_path)
     assert [r["code"] for r in ranks] == [0, 0]
@@ -118,6 +126,15 @@ def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, d
     assert not any((tmp_path / "cwd0").iterdir()) and not any((tmp_path / "cwd1").iterdir())
     assert (tmp_path / "rank1.out").read_text() == ""
     assert "done: val top1" in (tmp_path / "rank0.out").read_text()
+    if track:  # rank 0 alone tracks: one TensorBoard event file, one MLflow run
+        assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("vitbudget").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) == len(
+            [e for e in events if e["event"] == "train"])
 
 
 def test_a_sigterm_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path, data, capsys):

@@ -336,11 +336,9 @@ def _fused_curves(args: argparse.Namespace, device: torch.device) -> None:
           f"largest step-wise difference {max(abs(a - b) for a, b in zip(off, on, strict=True)):.4f}")
 
 
-def bench_loop(args: argparse.Namespace) -> None:
-    """The full training loop (schedule, budget checks, metrics, checkpoints) on synthetic on-device batches vs
-    the bare step of the same model and batch: what the loop's own machinery costs."""
-    import tempfile
-
+def _synthetic_loop(args: argparse.Namespace, log_every: float):
+    """The trainer's config and a loop runner on synthetic on-device batches (no files, no decode): run(out,
+    tracking) trains one budget into the run directory ``out`` and returns its steady img/s."""
     from rich.console import Console
 
     from pipelines import Split
@@ -350,12 +348,10 @@ def bench_loop(args: argparse.Namespace) -> None:
     from trainer.loop import train
     from trainer.readout import Readout
     from trainer.rundir import RunDir
-    from trainer.step import TrainStep
 
-    device = torch.device(args.device)
     flags = ["--data", "synthetic", "--model", args.model, "--image-size", str(args.size), "--no-curriculum",
              "--batch-size", str(args.batch_size), "--eval-every", "0", "--device", args.device,
-             "--budget", f"{args.seconds}s", "--log-every", f"{min(5.0, args.seconds / 6):g}", "--step", args.step]
+             "--budget", f"{args.seconds}s", "--log-every", f"{log_every:g}", "--step", args.step]
     cfg = parse_args(flags)
     steps_per_epoch = 50
     fake = Split(root=Path("synthetic"), files=("x",) * (steps_per_epoch * args.batch_size),
@@ -365,16 +361,35 @@ def bench_loop(args: argparse.Namespace) -> None:
         return SyntheticLoader(len(split.classes), spec, steps_per_epoch=steps_per_epoch if train else 1,
                                device=device)
 
+    def run(out: Path, tracking=None) -> float:
+        run_dir = RunDir(out, tracking=tracking)
+        run_dir.write_config(dataclasses.asdict(cfg))
+        budget = Budget(cfg.budget_s)
+        readout = Readout(cfg.budget_s, clock=lambda b=budget: b.elapsed, live=False,
+                          console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+        try:
+            run_dir.write_summary(train(cfg, fake, fake, run_dir, readout, budget, loader=synthetic))
+        finally:
+            run_dir.close()
+        return _steady_rate(out)  # the intervals after the first (model build, FLOPs, warm-up)
+
+    return cfg, run
+
+
+def bench_loop(args: argparse.Namespace) -> None:
+    """The full training loop (schedule, budget checks, metrics, checkpoints) on synthetic on-device batches vs
+    the bare step of the same model and batch: what the loop's own machinery costs."""
+    import tempfile
+
+    from pipelines.synthetic import SyntheticLoader
+    from trainer.step import TrainStep
+
+    device = torch.device(args.device)
+    cfg, run = _synthetic_loop(args, min(5.0, args.seconds / 6))
     loops, bares = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            run = RunDir(Path(tmp) / "run")
-            budget = Budget(cfg.budget_s)
-            readout = Readout(cfg.budget_s, clock=lambda b=budget: b.elapsed, live=False,
-                              console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
-            train(cfg, fake, fake, run, readout, budget, loader=synthetic)
-            run.close()
-            loops.append(_steady_rate(run.path))  # the intervals after the first (model build, FLOPs, warm-up)
+            loops.append(run(Path(tmp) / "run"))
         # the bare step: the trainer's own factory, mode resolved from the same flags (--step, --amp)
         step = TrainStep.for_config(cfg, 1000, device, image_size=args.size)
         warmup = max(3, step.settle_steps + 1)  # compile, or a graph's warm-up and capture, are not timed
@@ -389,6 +404,33 @@ def bench_loop(args: argparse.Namespace) -> None:
           f"{mode} step)")
     print(f"{'full loop img/s':>16} {'bare step img/s':>16} {'ratio':>6}")
     print(f"{loop:>16.0f} {bare:>16.0f} {loop / bare:>6.2f}")
+
+
+def bench_track(args: argparse.Namespace) -> None:
+    """The loop with the trackers asked for (W&B offline, MLflow in a local SQLite store, TensorBoard) against
+    the same loop with none, alternated: what tracking costs a training step (the target: a ratio of 0.99 or more)."""
+    import tempfile
+
+    from trainer.track import Tracking
+
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    _, run = _synthetic_loop(args, args.log_every)
+    rates: dict[str, list[float]] = {"none": [], args.track: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for name in rates:  # alternated, so drift in the machine hits both alike
+                out = Path(tmp) / f"{i}-{name.replace(',', '-')}"
+                tracking = None if name == "none" else (lambda path: Tracking(args.track, path, "bench", False))
+                rates[name].append(run(out, tracking))
+                print(f"repeat {i}: trackers {name}: {rates[name][-1]:.1f} img/s", flush=True)
+    plain, tracked = (statistics.median(r) for r in rates.values())
+    print(f"\n$ python tools/bench.py track --track {args.track} --model {args.model} --size {args.size} "
+          f"--batch-size {args.batch_size} --seconds {args.seconds} --log-every {args.log_every:g} --device "
+          f"{args.device} --repeats {args.repeats}   (medians; {_device_name(torch.device(args.device))})")
+    print(f"{'no trackers img/s':>18} {'with trackers img/s':>20} {'ratio':>6}")
+    print(f"{plain:>18.1f} {tracked:>20.1f} {tracked / plain:>6.3f}")
 
 
 def _steady_rate(run: Path) -> float:
@@ -558,6 +600,16 @@ def main() -> int:
     lp.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     lp.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"),
                     help="the trainer's --step, for the loop and the bare step alike")
+    tr = sub.add_parser("track", help="the loop with trackers (TensorBoard, MLflow, W&B offline) vs none")
+    tr.add_argument("--track", default="tensorboard,mlflow,wandb")
+    tr.add_argument("--model", default="vit_local_tiny_patch16")
+    tr.add_argument("--size", type=int, default=64)
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--seconds", type=int, default=40)
+    tr.add_argument("--log-every", type=float, default=1.0, help="metrics lines (and tracker events) per second")
+    tr.add_argument("--repeats", type=int, default=3)
+    tr.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    tr.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"))
     dd = sub.add_parser("ddp", help="the trainer as one process vs torchrun with one process (DDP's overhead)")
     dd.add_argument("--seconds", type=int, default=60, help="budget of each run")
     dd.add_argument("--repeats", type=int, default=2)
@@ -585,7 +637,8 @@ def main() -> int:
     pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     benches = {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
-               "ddp": bench_ddp, "fused": bench_fused, "small-images": bench_small_images, "prepare": bench_prepare}
+               "track": bench_track, "ddp": bench_ddp,
+               "fused": bench_fused, "small-images": bench_small_images, "prepare": bench_prepare}
     benches[args.bench](args)
     return 0
 

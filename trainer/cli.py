@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +122,47 @@ def _training_device(cfg: TrainConfig) -> str:
     return resolve_device(cfg.device).type
 
 
+@dataclass
+class _Checked:
+    """What the start-up checks found, every rank agreeing: the run's config, folder, data and resume point."""
+    cfg: TrainConfig
+    out: Path
+    resume: dict[str, Any] | None
+    train_split: Any
+    val_split: Any
+    demo_build_s: float
+
+
 def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
     def say(text: str, err: bool = False) -> None:  # rank 0 speaks for the run
         if world.is_main:
             print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
+    checked = _start_checks(cfg, world, say)
+    if checked is None:
+        return 2
+    cfg, out, resume = checked.cfg, checked.out, checked.resume
+    # The clock started with the process (imports included); a first build of the demo dataset is not charged;
+    # a resumed run starts from what its earlier attempts spent.
+    budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0,
+                    start=started_at + checked.demo_build_s)
+    run = _open_run(checked, world, budget)
+    try:
+        if cfg.profile:
+            from trainer.profile import profile, table
+
+            report = profile(cfg, checked.train_split, out, cfg.profile_size_list(), steps=cfg.profile_steps)
+            print(table(report))
+            print(f"wrote {out / 'profile.json'} and {out / report['trace']}")
+            return 0
+        return _train(checked, world, run, budget, say)
+    finally:
+        run.close()  # whatever the exit: metrics.jsonl closed, trackers drained and closed
+
+
+def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | None:
+    """The flags against the run directory and the data, on every rank, before anything is written: None (and
+    one line, from rank 0) if any rank failed."""
     failure, root = None, None
     try:
         if cfg.profile and world.distributed:
@@ -141,7 +177,7 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
     except (ConfigError, DatasetError, NoCheckpointError) as e:
         failure = str(e)
     if not _checks_passed(world, failure):
-        return 2
+        return None
     try:
         root = root or _data_root(cfg, say)
         train_split, val_split = index_dataset(root)
@@ -155,17 +191,26 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
     except (ConfigError, DatasetError) as e:
         failure = str(e)
     if not _checks_passed(world, failure):
-        return 2
+        return None
+    return _Checked(cfg, out, resume, train_split, val_split, demo_build_s)
 
+
+def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
+    """Rank 0's run directory (with its trackers, if asked for): the config of a new run, or the resume line."""
     import nvidia.dali
     import timm
     import torch
 
-    # The clock started with the process (imports included); a first build of the demo dataset is not charged;
-    # a resumed run starts from what its earlier attempts spent.
-    budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0,
-                    start=started_at + demo_build_s)
-    run = RunDir(out) if world.is_main else NullRunDir(out)  # rank 0 writes the run directory
+    cfg, resume, train_split = checked.cfg, checked.resume, checked.train_split
+    if not world.is_main:
+        return NullRunDir(checked.out)
+    tracking = None
+    if cfg.track and not cfg.profile:
+        from trainer.track import Tracking
+
+        def tracking(path: Path) -> Tracking:
+            return Tracking(cfg.track, path, cfg.track_project, cfg.track_artifacts)
+    run = RunDir(checked.out, tracking=tracking)
     if resume:
         run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
                 spent_before_s=round(budget.spent_before, 3), world_size=world.world_size)
@@ -174,14 +219,12 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
                           "data_root": str(train_split.root.parent), "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})
-    if cfg.profile:
-        from trainer.profile import profile, table
+    return run
 
-        report = profile(cfg, train_split, out, cfg.profile_size_list(), steps=cfg.profile_steps)
-        print(table(report))
-        print(f"wrote {out / 'profile.json'} and {out / report['trace']}")
-        run.close()
-        return 0
+
+def _train(checked: _Checked, world: dist.World, run: RunDir, budget: Budget, say: Say) -> int:
+    """Train to the end of the budget, or to an early end: each writes its line, its summary and its exit code."""
+    cfg, out = checked.cfg, checked.out
     stop = StopFlag()
     _install_signal_handlers(stop)
 
@@ -201,8 +244,8 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
                       **({} if world.is_main else {"live": False, "console": _silent_console()}))
     try:
         with readout:
-            summary = train(cfg, train_split, val_split, run, readout, budget, resume=resume, stop=stop,
-                            world=world)
+            summary = train(cfg, checked.train_split, checked.val_split, run, readout, budget,
+                            resume=checked.resume, stop=stop, world=world)
     except ImageDecodeError as e:  # found by one rank: it ends, and torchrun ends the others
         return ended("error", 1, str(e), together=False)
     except StopRequested as e:

@@ -14,6 +14,7 @@ from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
 from trainer.presets import PresetError, load_preset, preset_path
 from trainer.schedule import SCHEDULES
+from trainer.track import TOOLS, TrackError, check_installed, parse_track
 
 PATCH_SIZE = 16
 DEMO = "demo"
@@ -94,6 +95,13 @@ def _warmup(value: Any) -> str:
             raise ConfigError(f"--warmup must be a share in (0%, 100%) of the budget, got {value!r}")
         return f"{share:g}%"
     return format_duration(_parse_duration("--warmup", text))
+
+
+def _track(value: Any) -> str | None:
+    try:
+        return parse_track(value)
+    except TrackError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _sizes(value: Any) -> str | None:
@@ -188,6 +196,12 @@ class TrainConfig:
     ckpt_every_s: float = opt(1800.0, "checkpoint period (also at each stage change and the end)",
                               flag="--ckpt-every", type=_duration("--ckpt-every"), show=format_duration)
     log_every_s: float = opt(10.0, "seconds between metrics lines", flag="--log-every", type=float)
+    track: str | None = opt(None, f"also send the run's metrics to these trackers, comma-separated: "
+                                  f"{', '.join(TOOLS)} (needs the track extra: pip install -e \".[track]\")",
+                            type=_track, metavar="LIST")
+    track_project: str = opt("vitbudget", "the trackers' experiment (MLflow) or project (W&B) name")
+    track_artifacts: bool = opt(False, "also upload model.safetensors to MLflow and W&B (summary.json and "
+                                       "config.json always go)", action="store_true")
     profile: bool = opt(False, "instead of training: time the pipeline alone, the model step alone and the full "
                                "loop at each stage size, print a table, write profile.json and a torch.profiler "
                                "trace", action="store_true")
@@ -424,6 +438,12 @@ def _check(cfg: TrainConfig) -> None:
     for size in cfg.profile_size_list():
         if size <= 0 or size % PATCH_SIZE:
             raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
+    try:
+        check_installed(cfg.track)
+    except TrackError as e:
+        raise ConfigError(str(e)) from None
+    if not cfg.track_project.strip():
+        raise ConfigError("--track-project must not be empty")
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")
     if cfg.fused_ffn == "on" and (cfg.model not in LOCALITY_MODELS or cfg.act != "hswish"):

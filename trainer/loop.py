@@ -252,9 +252,9 @@ class Trainer:
         self.train_batches.set_stage(self.spec(size, s.batch_size))
         rebuild_s = self.clock() - start
         self.train_flops = 3.0 * forward_flops(self.net, size)
-        fields = dict(stage=s.stage, epoch=s.epoch, image_size=size, batch_size=s.batch_size, peak_lr=s.peak_lr,
-                      steps_per_epoch=len(self.train_batches), rebuild_s=round(rebuild_s, 4), step_mode=self.mode,
-                      source_px=getattr(self.train_batches, "source_px", None),
+        fields = dict(step=s.step, stage=s.stage, epoch=s.epoch, image_size=size, batch_size=s.batch_size,
+                      peak_lr=s.peak_lr, steps_per_epoch=len(self.train_batches), rebuild_s=round(rebuild_s, 4),
+                      step_mode=self.mode, source_px=getattr(self.train_batches, "source_px", None),
                       elapsed_s=round(self.budget.elapsed, 3))
         self.run_dir.log("stage", **fields)
         self.readout.update(**fields)

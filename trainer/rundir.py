@@ -53,25 +53,40 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: Path) -> None:
 
 
 class RunDir:
-    """One run's folder. Created only once the config and the data have been checked."""
+    """One run's folder. Created only once the config and the data have been checked.
 
-    def __init__(self, path: Path) -> None:
+    Its one event stream: each ``log`` line goes to metrics.jsonl (the record), then to the trackers, if the run
+    has any (``trainer.track.Tracking``: queued, never waited on); so do the config, the summary and the close."""
+
+    def __init__(self, path: Path, tracking: Any = None) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(path / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses one line
+        self.tracking = tracking(path) if callable(tracking) else tracking  # made once the folder exists
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.path / "config.json", config)
+        if self.tracking:
+            self.tracking.write_config(config)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
+        if self.tracking:
+            self.tracking.write_summary(summary)
 
     def log(self, event: str, **fields: Any) -> None:
         self._metrics.write(json.dumps({"event": event, **fields}) + "\n")
         self._metrics.flush()
+        if self.tracking:
+            self.tracking.event(event, fields)
 
     def close(self) -> None:
-        self._metrics.close()
+        """Idempotent: every exit path closes, and a last ``finally`` closes whatever an unexpected error left."""
+        if not self._metrics.closed:
+            self._metrics.close()
+        if self.tracking:
+            tracking, self.tracking = self.tracking, None
+            tracking.close()
 
 
 class NullRunDir(RunDir):

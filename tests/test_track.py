@@ -1,0 +1,255 @@
+"""--track: TensorBoard, MLflow and W&B receive the run's one event stream; each is read back with its own reader
+(EventAccumulator, MlflowClient, `wandb leet inspect`) and compared with metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import main
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "vit_local_test_patch16", "--image-size", "32", "--batch-size", "8", "--workers", "1",
+        "--log-every", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def local_trackers(monkeypatch, tmp_path):
+    """No network and no user settings: W&B offline, MLflow's default store (beside the run directory)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _events(out: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [e for e in lines if e["event"] == kind]
+
+
+def _tb(out: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(out / "tb"))
+    ea.Reload()
+    return ea
+
+
+def _tb_hparams(ea: EventAccumulator) -> dict:
+    for content in ea.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            return {k: v.string_value or v.number_value or v.bool_value
+                    for k, v in data.session_start_info.hparams.items()}
+    raise AssertionError("no hparams in the TensorBoard folder")
+
+
+def _mlflow(out: Path) -> tuple[MlflowClient, str]:
+    state = json.loads((out / "track.json").read_text())["mlflow"]
+    return MlflowClient(tracking_uri=state["tracking_uri"]), state["run_id"]
+
+
+def _wandb_records(out: Path) -> tuple[dict, list[dict]]:
+    """W&B's own reader of its offline transaction log: the run's state and config, and its history rows."""
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    summary = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    records = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                             capture_output=True, text=True, timeout=60, check=True)
+    rows = [json.loads(line)["history"] for line in records.stdout.splitlines()
+            if line.startswith("{") and json.loads(line).get("type") == "history"]
+    return json.loads(summary.stdout), [{**row["item"], "_step_num": row["step"]["num"]} for row in rows]
+
+
+def test_the_three_trackers_receive_the_metrics_lines(tmp_path, colour_dataset, capsys):
+    out = tmp_path / "runs" / "tracked"
+    code = main(["--data", str(colour_dataset), *TINY, "--budget", "8s", "--out", str(out),
+                 "--track", "tensorboard,mlflow,wandb", "--track-project", "tests"])
+    assert code == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err
+    train, evals = _events(out, "train"), _events(out, "eval")
+    assert len(train) >= 3 and evals
+    config = json.loads((out / "config.json").read_text())
+    start = _events(out, "start")[0]
+
+    # TensorBoard: the same steps and values (stored as float32), and the resolved configuration as hparams
+    ea = _tb(out)
+    for field, tag, events in (("loss", "train/loss", train), ("lr", "train/lr", train),
+                               ("images_per_sec", "train/images_per_sec", train), ("top1", "val/top1", evals)):
+        got = [(e.step, e.value) for e in ea.Scalars(tag)]
+        assert [s for s, _ in got] == [e["step"] for e in events], tag
+        assert [v for _, v in got] == pytest.approx([e[field] for e in events], rel=1e-6), tag
+    assert [e.value for e in ea.Scalars("budget/elapsed_s")] == pytest.approx([e["elapsed_s"] for e in train])
+    hp = _tb_hparams(ea)
+    assert hp["model"] == "vit_local_test_patch16" and hp["peak_lr"] == pytest.approx(config["peak_lr"])
+    assert hp["global_batch"] == start["global_batch"] and hp["stages"] == "32px@epoch0"
+    assert hp["versions.torch"] == config["versions"]["torch"]
+
+    # MLflow (a local SQLite store beside the run directory): params, the metric histories, the artifacts
+    client, run_id = _mlflow(out)
+    assert client.tracking_uri == f"sqlite:///{out.parent.resolve()}/mlflow.db"
+    run = client.get_run(run_id)
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tests"
+    assert run.data.params["model"] == "vit_local_test_patch16" and float(run.data.params["peak_lr"]) == \
+        pytest.approx(config["peak_lr"])
+    assert run.data.tags["stop_reason"] == "budget"
+    for field, key, events in (("loss", "train/loss", train), ("lr", "train/lr", train), ("top5", "val/top5", evals)):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert history == [(e["step"], e[field]) for e in events], key
+    assert {a.path for a in client.list_artifacts(run_id)} == {"summary.json", "config.json"}
+
+    # W&B offline: config and history, read back with wandb's own inspector
+    state, rows = _wandb_records(out)
+    assert state["state"] == "finished" and state["name"] == "tracked" and state["project"] == "tests"
+    assert state["config"]["model"] == "vit_local_test_patch16" and state["config"]["stages"] == "32px@epoch0"
+    losses = [(r["_step_num"], r["train/loss"]) for r in rows if "train/loss" in r]
+    assert losses == [(e["step"], e["loss"]) for e in train]
+    assert [r["val/top1"] for r in rows if "val/top1" in r] == [e["top1"] for e in evals]
+
+
+def test_a_killed_run_resumes_into_the_same_tracked_run(tmp_path, colour_dataset):
+    out = tmp_path / "runs" / "killed"
+    command = [sys.executable, "-m", "trainer", "--data", str(colour_dataset), *TINY, "--budget", "20s",
+               "--ckpt-every", "2s", "--out", str(out), "--track", "tensorboard,mlflow"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # a checkpoint, then more steps logged after it
+            assert proc.poll() is None, proc.communicate()
+            if (out / "metrics.jsonl").exists() and (out / "track.json").exists():
+                ckpts = _events(out, "checkpoint")
+                tracked = len(json.loads((out / "track.json").read_text())) == 2  # both tools opened
+                if tracked and ckpts and any(e["step"] > ckpts[0]["step"] + 20 for e in _events(out, "train")):
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    client, run_id = _mlflow(out)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    resume = _events(out, "resume")
+    assert len(resume) == 1
+    assert _mlflow(out)[1] == run_id  # the same tracked run
+    runs = client.search_runs([client.get_experiment_by_name("vitbudget").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)]
+    assert steps == sorted(set(steps))  # increasing: the steps trained again after the resume are not sent twice
+    assert steps[-1] == _events(out, "train")[-1]["step"] > resume[0]["step"]
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2  # one folder, a file per attempt
+    tb_steps = [e.step for e in _tb(out).Scalars("train/loss")]
+    assert tb_steps == sorted(set(tb_steps)) and tb_steps[-1] == steps[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_mlflow_server_that_goes_away_costs_one_warning_not_the_run(tmp_path, colour_dataset):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path}/server.db", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own process group: the server and its uvicorn worker
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.3)
+        out = tmp_path / "run"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", "--data", str(colour_dataset), *TINY,
+                                 "--budget", "20s", "--out", str(out), "--track", "mlflow"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+        while time.monotonic() < deadline + 60:  # the server has taken some of the run's metrics
+            assert proc.poll() is None, proc.communicate()
+            if (out / "track.json").exists() and client.get_metric_history(_mlflow(out)[1], "train/loss"):
+                break
+            time.sleep(0.3)
+        os.killpg(server.pid, signal.SIGKILL)  # the server stops answering mid-run: connections are refused
+        server.wait()
+        killed_at = _events(out, "train")[-1]["elapsed_s"]
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert proc.returncode == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "tracker mlflow failed" in warnings[0], err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget" and summary["elapsed_s"] <= 20 + 2
+    assert _events(out, "train")[-1]["elapsed_s"] > killed_at + 3 and _events(out, "eval")  # trained on
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--track", "nope"], "--track: unknown tool 'nope'"),
+    (["--track", "tensorboard,wandb"], '--track wandb: the wandb package is not installed (pip install -e ".[track]")'),
+])
+def test_bad_track_flags_exit_2_and_write_nothing(tmp_path, colour_dataset, capsys, monkeypatch, flags, needle):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed
+    out = tmp_path / "run"
+    assert main(["--data", str(colour_dataset), *TINY, "--budget", "5s", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path):
+    """The adapter layer alone: one tool raises on its first scalars, the other still gets everything, and close
+    returns (each tool has its own thread, so one never waits on another)."""
+    from trainer.track import Tracking
+
+    calls: dict[str, list] = {"good": [], "bad": []}
+
+    class Recorder:
+        def __init__(self, name: str, **_: object) -> None:
+            self.name = name
+
+        def open(self) -> dict:
+            return {"id": self.name}
+
+        def __getattr__(self, method: str):
+            def record(*args: object) -> None:
+                if self.name == "bad" and method == "scalars":
+                    raise ConnectionRefusedError("refused")
+                calls[self.name].append((method, args))
+            return record
+
+    tracking = Tracking("good,bad", tmp_path, "p", False,
+                        adapters={"good": lambda **kw: Recorder("good", **kw), "bad": lambda **kw: Recorder("bad")})
+    for step in (1, 2):
+        tracking.event("train", {"step": step, "loss": 1.0 / step, "elapsed_s": step})
+    tracking.close()
+    assert [c for c in calls["good"] if c[0] == "scalars"] == [
+        ("scalars", (1, {"train/loss": 1.0, "budget/elapsed_s": 1})),
+        ("scalars", (2, {"train/loss": 0.5, "budget/elapsed_s": 2}))]
+    assert calls["good"][-1] == ("close", ("FAILED",))  # closed without a summary: an unexpected end
+    assert [c[0] for c in calls["bad"]] == ["abandon"]  # dropped at its first failure, nothing after
+    assert json.loads((tmp_path / "track.json").read_text()) == {"good": {"id": "good"}, "bad": {"id": "bad"}}

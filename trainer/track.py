@@ -1,0 +1,396 @@
+"""Trackers: the run's one event stream (what ``RunDir.log`` writes to metrics.jsonl) also sent to TensorBoard,
+MLflow and Weights & Biases (``--track tensorboard,mlflow,wandb``).
+
+Nothing here measures anything: ``Tracking.event`` turns each metrics line into the same named scalars, texts and
+hyperparameters for every tool, and hands them to one worker thread per tool, so a slow or failing tool never
+holds up a training step. A tool that raises is dropped with one warning line and the run goes on; all are
+flushed and closed on every exit path. Rank 0 alone tracks (the other ranks' RunDir writes nothing).
+
+A resumed run continues the same tracked run: the tools' run ids are kept in ``RUN_DIR/track.json``, and the
+steps a resumed run trains again (from its checkpoint to where the killed attempt had logged) are not sent twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.rundir import write_json_atomic
+
+EXTRA = 'pip install -e ".[track]"'
+# --track name -> the module it needs
+TOOLS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+CLOSE_TIMEOUT_S = 60.0  # what the end of a run waits for a tool to drain its queue and close
+STATE_FILE = "track.json"
+
+# Metrics-line fields -> the scalar names every tool receives. The step is the x-axis; the budget spent is its own
+# scalar, so runs of different speeds compare on time.
+TRAIN_SCALARS = {"loss": "train/loss", "lr": "train/lr", "images_per_sec": "train/images_per_sec",
+                 "data_wait": "train/data_wait", "tflops": "train/tflops", "mfu": "train/mfu",
+                 "mem_gib": "train/mem_gib", "mem_peak_gib": "train/mem_peak_gib", "epoch": "train/epoch",
+                 "image_size": "stage/image_size", "batch_size": "stage/batch_size", "elapsed_s": "budget/elapsed_s"}
+EVAL_SCALARS = {"top1": "val/top1", "top5": "val/top5", "image_size": "val/image_size"}
+ENDS = {"budget": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "diverged": "FAILED", "error": "FAILED"}
+
+
+class TrackError(ValueError):
+    """--track names an unknown tool or one that is not installed; the message is one line."""
+
+
+def parse_track(value: Any) -> str | None:
+    """'tensorboard, mlflow' -> 'tensorboard,mlflow' (each known, once, in the order given); '' or 'none' -> None."""
+    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
+    if not names or names == ["none"]:
+        return None
+    for name in names:
+        if name not in TOOLS:
+            raise TrackError(f"--track: unknown tool {name!r} (choose from {', '.join(TOOLS)})")
+    return ",".join(dict.fromkeys(names))
+
+
+def check_installed(track: str | None) -> None:
+    for name in (track or "").split(",") if track else []:
+        try:
+            found = importlib.util.find_spec(TOOLS[name]) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, a broken parent package
+            found = False
+        if not found:
+            raise TrackError(f"--track {name}: the {TOOLS[name]} package is not installed ({EXTRA})")
+
+
+def warn(message: str) -> None:
+    print(f"vit-train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Hyperparameters as one level of str/int/float/bool values (what all three tools take)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            out[prefix + key] = json.dumps(value)
+        elif value is None:
+            out[prefix + key] = "none"
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _stage_text(f: dict[str, Any]) -> str:
+    return (f"stage {f.get('stage')}: {f.get('image_size')} px, batch {f.get('batch_size')}, "
+            f"peak lr {f.get('peak_lr', 0):.3g}, from epoch {f.get('epoch')}")
+
+
+def _stage_start(stage: dict[str, Any]) -> str:
+    """A plan's stage begins at an epoch, or (the time form) at a share of the budget."""
+    if stage.get("starts_at") is None:
+        return f"epoch{stage.get('first_epoch') or 0}"
+    return f"{100 * stage['starts_at']:.3g}%"
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The largest step in the run's metrics.jsonl (-1 if none): what an earlier attempt already sent."""
+    last = -1
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    step = json.loads(line).get("step")
+                except ValueError:  # the line a crash cut short
+                    continue
+                if isinstance(step, int) and step > last:
+                    last = step
+    except OSError:
+        pass
+    return last
+
+
+class _Worker:
+    """One tool's thread: opens the tool, then runs the calls queued for it in order. The first exception drops
+    the tool (one warning); what is queued after is discarded."""
+
+    def __init__(self, name: str, adapter: Any, on_open: Callable[[str, dict[str, Any]], None]) -> None:
+        self.name, self.adapter, self.on_open = name, adapter, on_open
+        self.calls: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self.failed = False
+        self.thread = threading.Thread(target=self._run, name=f"track-{name}", daemon=True)
+        self.thread.start()
+
+    def put(self, method: str, *args: Any) -> None:
+        if not self.failed:
+            self.calls.put((method, args))
+
+    def _run(self) -> None:
+        try:
+            self.on_open(self.name, self.adapter.open() or {})
+        except Exception as e:  # noqa: BLE001 - any failure of the tool drops it, never the run
+            return self._drop(e)
+        while (call := self.calls.get()) is not None:
+            method, args = call
+            try:
+                getattr(self.adapter, method)(*args)
+            except Exception as e:  # noqa: BLE001
+                return self._drop(e)
+
+    def _drop(self, e: Exception) -> None:
+        self.failed = True
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        warn(f"tracker {self.name} failed ({type(e).__name__}: {text}); dropped, training goes on")
+        try:
+            self.adapter.abandon()
+        except Exception:  # noqa: BLE001, S110 - already reported
+            pass
+
+    def finish(self, deadline: float) -> None:
+        self.calls.put(None)
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive():
+            warn(f"tracker {self.name} did not finish within {CLOSE_TIMEOUT_S:.0f}s; its last events may be missing")
+
+
+class Tracking:
+    """What RunDir feeds: the config, each metrics line, the summary, the close."""
+
+    def __init__(self, track: str, run_dir: Path, project: str, artifacts: bool,
+                 adapters: dict[str, Callable[..., Any]] | None = None) -> None:
+        self.run_dir, self.artifacts = run_dir, artifacts
+        self.sent_through = last_logged_step(run_dir)  # a resume: these steps were sent by an earlier attempt
+        self.step = max(self.sent_through, 0)
+        self.config: dict[str, Any] | None = None
+        self.closing = False  # the summary's close was queued
+        self.state_lock = threading.Lock()
+        state = self._read_state()
+        make = adapters or ADAPTERS
+        self.workers = [_Worker(name, make[name](run_dir=run_dir, project=project, saved=state.get(name, {})),
+                                self._remember) for name in track.split(",")]
+
+    # -- the run's side (called on the training thread: cheap, never blocks) --------------------------------------
+    def write_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def event(self, event: str, fields: dict[str, Any]) -> None:
+        step = fields.get("step")
+        if isinstance(step, int):
+            if step <= self.sent_through and event != "resume":
+                return  # trained again after a resume: the earlier attempt sent this step
+            self.step = max(self.step, step)
+        if event == "train":
+            self._send("scalars", self.step, {tag: fields[k] for k, tag in TRAIN_SCALARS.items()
+                                              if fields.get(k) is not None})
+        elif event == "eval":
+            self._send("scalars", self.step, {tag: fields[k] for k, tag in EVAL_SCALARS.items()
+                                              if fields.get(k) is not None})
+        elif event == "start":
+            if not fields.get("attempt") and self.config is not None:  # a resume keeps the first attempt's
+                self._send("hparams", self._hparams(fields))
+            self._send("text", self.step, "start", f"{fields.get('model')} on {fields.get('device')}, "
+                       f"{fields.get('world_size')} process(es), attempt {fields.get('attempt')}")
+        elif event == "stage":
+            self._send("text", self.step, "stage", _stage_text(fields))
+            self._send("tag", "stage", f"{fields.get('stage')}: {fields.get('image_size')} px")
+        elif event in ("stage_skipped", "resume", "resume_world") or event in ENDS:
+            text = fields.get("message") or ", ".join(f"{k} {v}" for k, v in fields.items())
+            self._send("text", self.step, event, str(text))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        reason = str(summary.get("stop_reason", "budget"))
+        files = [self.run_dir / "summary.json", self.run_dir / "config.json"]
+        if self.artifacts and (self.run_dir / "model.safetensors").exists():
+            files.append(self.run_dir / "model.safetensors")
+        self._send("tag", "stop_reason", reason)
+        self._send("summary", {k: v for k, v in _flat(summary).items()
+                               if isinstance(v, (int, float)) and not k.startswith("state.")},
+                   [p for p in files if p.exists()])
+        self._send("close", ENDS.get(reason, "FAILED"))
+        self.closing = True
+
+    def close(self) -> None:
+        """Wait (at most CLOSE_TIMEOUT_S in all) for each tool to drain and close. A run that ends without a
+        summary (an unexpected error) closes its tools as failed."""
+        if not self.closing:
+            self._send("close", "FAILED")
+            self.closing = True
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for w in self.workers:
+            w.finish(deadline)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _send(self, method: str, *args: Any) -> None:
+        for w in self.workers:
+            w.put(method, *args)
+
+    def _hparams(self, start: dict[str, Any]) -> dict[str, Any]:
+        """The resolved configuration (minus the class list) and what the run resolved at start: parameters,
+        device, world size, global batch, the concrete curriculum plan."""
+        config = {k: v for k, v in (self.config or {}).items() if k not in ("classes", "preset_overrides")}
+        stages = ", ".join(f"{st['image_size']}px@" + _stage_start(st) for st in start.get("stages", []))
+        resolved = {k: start.get(k) for k in ("params", "device", "amp", "step_mode", "fused_ffn", "world_size",
+                                             "global_batch", "train_images", "val_images", "eval_size")}
+        return _flat({**config, **resolved, "stages": stages})
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, name: str, ids: dict[str, Any]) -> None:
+        """A tool's run id, kept so that a resume continues the same tracked run (written atomically)."""
+        if not ids:
+            return
+        with self.state_lock:
+            state = self._read_state()
+            state[name] = ids
+            write_json_atomic(self.run_dir / STATE_FILE, state)
+
+
+class TensorBoard:
+    """RUN_DIR/tb/, so ``tensorboard --logdir runs`` shows every run."""
+
+    def __init__(self, run_dir: Path, project: str, saved: dict[str, Any]) -> None:
+        self.log_dir = run_dir / "tb"
+        self.writer: Any = None
+
+    def open(self) -> dict[str, Any]:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=10)
+        return {"log_dir": "tb"}
+
+    def hparams(self, params: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(params, {"val/top1": 0.0, "val/top5": 0.0, "train/loss": 0.0}):
+            self.writer.file_writer.add_summary(summary)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+
+    def text(self, step: int, key: str, line: str) -> None:
+        self.writer.add_text(f"events/{key}", line, global_step=step)
+
+    def tag(self, key: str, value: str) -> None:
+        pass  # the stage and the stop reason are in the texts
+
+    def summary(self, values: dict[str, float], files: list[Path]) -> None:
+        self.writer.add_text("summary", "\n".join(f"    {k}: {v}" for k, v in sorted(values.items())))
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+    def abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MLflow:
+    """MLFLOW_TRACKING_URI when set, else an SQLite store beside the run directory (RUNS/mlflow.db, artifacts in
+    RUNS/mlartifacts); experiment --track-project, run name the run directory's name."""
+
+    def __init__(self, run_dir: Path, project: str, saved: dict[str, Any]) -> None:
+        self.run_dir, self.project, self.saved = run_dir, project, saved
+        self.client: Any = None
+        self.run_id: str | None = saved.get("run_id")
+
+    def open(self) -> dict[str, Any]:
+        import os
+
+        from mlflow.tracking import MlflowClient
+
+        parent = self.run_dir.resolve().parent
+        uri = self.saved.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{parent}/mlflow.db"
+        self.client = MlflowClient(tracking_uri=uri)
+        if self.run_id:
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            exp = self.client.get_experiment_by_name(self.project)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.project, artifact_location=None if self.saved.get("tracking_uri") or
+                os.environ.get("MLFLOW_TRACKING_URI") else (parent / "mlartifacts").as_uri())
+            self.run_id = self.client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
+        return {"run_id": self.run_id, "tracking_uri": uri}
+
+    def hparams(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes 100 params a batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def text(self, step: int, key: str, line: str) -> None:
+        self.client.set_tag(self.run_id, f"event.{key}", f"step {step}: {line}")
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def summary(self, values: dict[str, float], files: list[Path]) -> None:
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def abandon(self) -> None:
+        pass  # nothing held open: the run stays as the server last saw it
+
+
+class WandB:
+    """W&B by its own environment (WANDB_MODE=offline works without a network); files under RUN_DIR/wandb/."""
+
+    def __init__(self, run_dir: Path, project: str, saved: dict[str, Any]) -> None:
+        self.run_dir, self.project, self.saved = run_dir, project, saved
+        self.run: Any = None
+
+    def open(self) -> dict[str, Any]:
+        import wandb
+
+        self.run = wandb.init(project=self.project, name=self.run_dir.name, id=self.saved.get("id"),
+                              resume="allow", dir=str(self.run_dir), reinit="create_new",
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        return {"id": self.run.id, "project": self.project}
+
+    def hparams(self, params: dict[str, Any]) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def text(self, step: int, key: str, line: str) -> None:
+        self.run.summary[f"event/{key}"] = f"step {step}: {line}"
+
+    def tag(self, key: str, value: str) -> None:
+        self.run.summary[key] = value
+
+    def summary(self, values: dict[str, float], files: list[Path]) -> None:
+        import wandb
+
+        self.run.summary.update({f"final/{k}": v for k, v in values.items()})
+        artifact = wandb.Artifact(f"{self.run_dir.name}-files", type="run-files")
+        for path in files:
+            artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+    def abandon(self) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1)
+
+
+ADAPTERS: dict[str, Callable[..., Any]] = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
