@@ -27,6 +27,7 @@ from trainer.rundir import write_json_atomic
 EXTRA = 'pip install -e ".[track]"'
 # --track name -> the module it needs
 TOOLS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+BATCH_S = 5.0  # a tool receives the run's events at most this late, in one call per kind
 CLOSE_TIMEOUT_S = 60.0  # what the end of a run waits for a tool to drain its queue and close
 STATE_FILE = "track.json"
 
@@ -38,6 +39,9 @@ TRAIN_SCALARS = {"loss": "train/loss", "lr": "train/lr", "images_per_sec": "trai
                  "image_size": "stage/image_size", "batch_size": "stage/batch_size", "elapsed_s": "budget/elapsed_s"}
 EVAL_SCALARS = {"top1": "val/top1", "top5": "val/top5", "image_size": "val/image_size"}
 ENDS = {"budget": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "diverged": "FAILED", "error": "FAILED"}
+
+
+Row = tuple[int, dict[str, float], float]  # one metrics line's scalars: (step, {name: value}, its wall time)
 
 
 class TrackError(ValueError):
@@ -96,6 +100,17 @@ def _stage_start(stage: dict[str, Any]) -> str:
     return f"{100 * stage['starts_at']:.3g}%"
 
 
+def _merge_scalars(calls: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Consecutive ``scalars`` calls (one row of (step, values) each) as one call with all their rows."""
+    merged: list[tuple[str, tuple[Any, ...]]] = []
+    for method, args in calls:
+        if method == "scalars" and merged and merged[-1][0] == "scalars":
+            merged[-1] = ("scalars", (merged[-1][1][0] + args[0],))
+        else:
+            merged.append((method, args))
+    return merged
+
+
 def last_logged_step(run_dir: Path) -> int:
     """The largest step in the run's metrics.jsonl (-1 if none): what an earlier attempt already sent."""
     last = -1
@@ -114,8 +129,9 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 class _Worker:
-    """One tool's thread: opens the tool, then runs the calls queued for it in order. The first exception drops
-    the tool (one warning); what is queued after is discarded."""
+    """One tool's thread: opens the tool, then runs the calls queued for it in order, gathered for BATCH_S seconds
+    (the scalars of several metrics lines go to the tool in one call: one MLflow request, not one a line). The
+    first exception drops the tool (one warning); what is queued after is discarded."""
 
     def __init__(self, name: str, adapter: Any, on_open: Callable[[str, dict[str, Any]], None]) -> None:
         self.name, self.adapter, self.on_open = name, adapter, on_open
@@ -133,12 +149,26 @@ class _Worker:
             self.on_open(self.name, self.adapter.open() or {})
         except Exception as e:  # noqa: BLE001 - any failure of the tool drops it, never the run
             return self._drop(e)
-        while (call := self.calls.get()) is not None:
-            method, args = call
+        finished = False
+        while not finished:
+            batch = self._gather()
+            finished = batch[-1] is None
             try:
-                getattr(self.adapter, method)(*args)
+                for method, args in _merge_scalars([c for c in batch if c is not None]):
+                    getattr(self.adapter, method)(*args)
             except Exception as e:  # noqa: BLE001
                 return self._drop(e)
+
+    def _gather(self) -> list[tuple[str, tuple[Any, ...]] | None]:
+        """The next call, and whatever else arrives within BATCH_S of it (None: the run has ended)."""
+        batch = [self.calls.get()]
+        deadline = time.monotonic() + BATCH_S
+        while batch[-1] is not None:
+            try:
+                batch.append(self.calls.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
 
     def _drop(self, e: Exception) -> None:
         self.failed = True
@@ -183,11 +213,11 @@ class Tracking:
                 return  # trained again after a resume: the earlier attempt sent this step
             self.step = max(self.step, step)
         if event == "train":
-            self._send("scalars", self.step, {tag: fields[k] for k, tag in TRAIN_SCALARS.items()
-                                              if fields.get(k) is not None})
+            self._send("scalars", [(self.step, {tag: fields[k] for k, tag in TRAIN_SCALARS.items()
+                                                if fields.get(k) is not None}, time.time())])
         elif event == "eval":
-            self._send("scalars", self.step, {tag: fields[k] for k, tag in EVAL_SCALARS.items()
-                                              if fields.get(k) is not None})
+            self._send("scalars", [(self.step, {tag: fields[k] for k, tag in EVAL_SCALARS.items()
+                                                if fields.get(k) is not None}, time.time())])
         elif event == "start":
             if not fields.get("attempt") and self.config is not None:  # a resume keeps the first attempt's
                 self._send("hparams", self._hparams(fields))
@@ -271,9 +301,10 @@ class TensorBoard:
         for summary in hparams(params, {"val/top1": 0.0, "val/top5": 0.0, "train/loss": 0.0}):
             self.writer.file_writer.add_summary(summary)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, global_step=step)
+    def scalars(self, rows: list[Row]) -> None:
+        for step, values, wall in rows:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step=step, walltime=wall)
 
     def text(self, step: int, key: str, line: str) -> None:
         self.writer.add_text(f"events/{key}", line, global_step=step)
@@ -326,11 +357,13 @@ class MLflow:
         for i in range(0, len(items), 100):  # MLflow takes 100 params a batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def scalars(self, rows: list[Row]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        metrics = [Metric(k, float(v), int(wall * 1000), step) for step, values, wall in rows
+                   for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics a batch
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def text(self, step: int, key: str, line: str) -> None:
         self.client.set_tag(self.run_id, f"event.{key}", f"step {step}: {line}")
@@ -367,8 +400,9 @@ class WandB:
     def hparams(self, params: dict[str, Any]) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
+    def scalars(self, rows: list[Row]) -> None:
+        for step, values, _ in rows:
+            self.run.log(values, step=step)
 
     def text(self, step: int, key: str, line: str) -> None:
         self.run.summary[f"event/{key}"] = f"step {step}: {line}"
