@@ -49,11 +49,32 @@ def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
+def default_cfgs_for(*names: str) -> Any:
+    """timm's data config of each model (no weights to download): what ``resolve_data_config`` reads for a model
+    built by name, and what a run's exported folder overrides with the run's own size and interpolation."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import generate_default_cfgs
+
+    cfg = {"input_size": (3, 224, 224), "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+           "interpolation": "bilinear", "crop_pct": 0.875, "num_classes": 1000, "fixed_input_size": False,
+           "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
+    return generate_default_cfgs({name: dict(cfg) for name in names})
+
+
 def create(cls: type[GridViT], variant: str, pretrained: bool, defaults: dict[str, Any],
            kwargs: dict[str, Any]) -> GridViT:
-    """What a timm registration function does for these models: defaults, overridden by the caller's kwargs."""
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights: it is trained from scratch by vit-train")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return cls(**{**defaults, **kwargs})
+    """What a timm registration function does for these models: defaults, overridden by the caller's kwargs, built
+    by timm's builder, so that a folder exported from a run (``timm.create_model("local-dir:RUN/model",
+    pretrained=True)``) loads its weights and its data config (a position embedding saved for another grid than
+    the one asked for is resampled by timm's ViT checkpoint filter)."""
+    from timm.models import build_model_with_cfg
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    cfg = kwargs.get("pretrained_cfg")
+    local = isinstance(cfg, dict) and cfg.get("file") or getattr(cfg, "file", None)
+    if pretrained and not local:
+        raise ValueError(f"{variant} has no pretrained weights: it is trained from scratch by vit-train (load a "
+                         f"run's exported folder with timm.create_model('local-dir:RUN/model', pretrained=True))")
+    kwargs.pop("cache_dir", None)
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**defaults, **kwargs})

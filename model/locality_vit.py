@@ -11,7 +11,7 @@ from timm.models import register_model
 from torch import nn
 
 from model.fused_ffn import locality_dwconv
-from model.grid_vit import GridViT, create, grid_to_tokens, split_prefix, tokens_to_grid
+from model.grid_vit import GridViT, create, default_cfgs_for, grid_to_tokens, split_prefix, tokens_to_grid
 
 __all__ = ["LocalityFeedForward", "LocalityBlock", "LocalityViT", "ACTIVATIONS", "set_fused"]
 
@@ -113,6 +113,10 @@ _SIZES = {
 def _locality(size: str, pretrained: bool, kwargs: dict[str, Any]) -> LocalityViT:
     defaults = {"patch_size": 16, "mlp_ratio": 4.0, "drop_path_rate": 0.1, **_SIZES[size]}
     return create(LocalityViT, f"vit_local_{size}_patch16", pretrained, defaults, kwargs)
+
+
+default_cfgs = default_cfgs_for(  # read by register_model
+    "vit_local_small_patch16", "vit_local_tiny_patch16", "vit_local_test_patch16")
 
 
 @register_model

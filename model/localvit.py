@@ -10,7 +10,7 @@ from timm.layers import Attention, DropPath, LayerNorm, SEModule
 from timm.models import register_model
 from torch import nn
 
-from model.grid_vit import GridViT, create, grid_to_tokens, split_prefix, tokens_to_grid
+from model.grid_vit import GridViT, create, default_cfgs_for, grid_to_tokens, split_prefix, tokens_to_grid
 
 __all__ = ["LocalViTFeedForward", "LocalViTBlock", "LocalViT"]
 
@@ -68,6 +68,9 @@ class LocalViT(GridViT):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("norm_layer", partial(LayerNorm, eps=1e-6))
         super().__init__(block_fn=LocalViTBlock, **kwargs)
+
+
+default_cfgs = default_cfgs_for("localvit_small_patch16", "localvit_tiny_patch16")  # read by register_model
 
 
 @register_model

@@ -216,7 +216,8 @@ def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
                 spent_before_s=round(budget.spent_before, 3), world_size=world.world_size)
     else:
         run.write_config({**asdict(cfg), "peak_lr": cfg.peak_lr, "global_batch": cfg.global_batch,
-                          "data_root": str(train_split.root.parent), "classes": list(train_split.classes),
+                          "data_root": str(train_split.root.parent.resolve()),
+                          "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})
     return run
@@ -264,6 +265,10 @@ def _train(checked: _Checked, world: dist.World, run: RunDir, budget: Budget, sa
         signal.signal(signal.SIGINT, signal.default_int_handler)
     run.write_summary(summary)
     run.close()
+    if world.is_main:  # the trained model as timm's Hugging Face layout: RUN_DIR/model
+        from trainer.commands import export_finished_run
+
+        export_finished_run(out)
     world.barrier()
     say(f"done: val top1 {100 * summary['top1']:.2f}%  top5 {100 * summary['top5']:.2f}%  "
         f"{summary['epochs']} epochs in {summary['elapsed_s']:.0f}s  -> {out}")
