@@ -442,6 +442,31 @@ def _steady_rate(run: Path) -> float:
     return statistics.median(rates)
 
 
+def bench_eval(args: argparse.Namespace) -> None:
+    """vit-eval's work: the demo's val split through the evaluation's pipeline and the model (the weights do not
+    change the speed), timed whole (pipeline build included), as vit-eval reports img/s."""
+    from model import build_model
+    from trainer.evaluate import evaluate
+    from trainer.step import resolve_amp
+
+    device = torch.device(args.device)
+    _, val = index_dataset(ensure_demo_dataset())
+    net = build_model(args.model, num_classes=len(val.classes), image_size=args.size).to(device).eval()
+    amp = resolve_amp("auto", device)
+    rates = []
+    for _ in range(args.repeats):
+        loader = StageLoader(val, StageSpec.on(device, image_size=args.size, batch_size=args.batch_size), train=False,
+                             device=device)
+        start = time.perf_counter()
+        result = evaluate(net, loader, amp, num_classes=len(val.classes))
+        rates.append(result["images"] / (time.perf_counter() - start))
+        loader.close()
+    print(f"\n$ python tools/bench.py eval --model {args.model} --size {args.size} --batch-size {args.batch_size} "
+          f"--device {args.device} --repeats {args.repeats}   ({_device_name(device)})")
+    print(f"{'images':>7} {'img/s (runs)':>30} {'median':>8}")
+    print(f"{result['images']:>7} {', '.join(f'{r:.1f}' for r in rates):>30} {statistics.median(rates):>8.1f}")
+
+
 def bench_ddp(args: argparse.Namespace) -> None:
     import subprocess
     import tempfile
@@ -610,6 +635,12 @@ def main() -> int:
     tr.add_argument("--repeats", type=int, default=3)
     tr.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     tr.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"))
+    ev = sub.add_parser("eval", help="vit-eval's throughput: the demo's val split, pipeline and model")
+    ev.add_argument("--model", default="vit_local_tiny_patch16")
+    ev.add_argument("--size", type=int, default=96)
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--repeats", type=int, default=3)
+    ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     dd = sub.add_parser("ddp", help="the trainer as one process vs torchrun with one process (DDP's overhead)")
     dd.add_argument("--seconds", type=int, default=60, help="budget of each run")
     dd.add_argument("--repeats", type=int, default=2)
@@ -637,7 +668,7 @@ def main() -> int:
     pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     benches = {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
-               "track": bench_track, "ddp": bench_ddp,
+               "track": bench_track, "eval": bench_eval, "ddp": bench_ddp,
                "fused": bench_fused, "small-images": bench_small_images, "prepare": bench_prepare}
     benches[args.bench](args)
     return 0
