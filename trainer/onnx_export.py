@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer.rundir import FILE_MODE
 from trainer.use import OpenedRun
 
 CHECK_BATCH = 8
@@ -53,6 +54,7 @@ def export_onnx(run: OpenedRun, out: Path, size: int, dynamic_batch: bool = Fals
         with torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(net, (images,), None, **kwargs)
             program.save(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
