@@ -161,3 +161,33 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(run, data, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _eval_rank(rank: int, port: int, argv: list[str], work: str) -> None:
+    """One rank of `torchrun --nproc-per-node 2 -m trainer.commands` … as torchrun would start it."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    Path(work, f"rank{rank}.code").write_text(str(eval_main(argv)))
+
+
+def test_vit_eval_under_two_processes_counts_each_image_once(run, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert eval_main([str(run), "--out", str(tmp_path / "one")]) == 0
+    ctx = mp.start_processes(_eval_rank, args=(port, [str(run), "--out", str(tmp_path / "two")], str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
+    one, two = (json.loads((tmp_path / d / "val-32px.json").read_text()) for d in ("one", "two"))
+    for key in ("images", "top1", "top5", "confusion", "per_class"):
+        assert two[key] == one[key], key
