@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# What DALI's image decoder reads (on the GPU, the formats nvJPEG lacks fall back to its CPU decoders)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".jp2", ".j2k", ".pnm", ".ppm", ".pgm",
+                    ".pbm")
 LAYOUT_HINT = "expected DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
 
 
@@ -26,6 +29,8 @@ class Split:
     # Pre-resized copies of this split (tools/prepare_imagenet.py --max-size 96,192,full): (the copy's largest
     # shorter side in px, the copy's folder for this split). The same relative files, smaller JPEGs.
     copies: tuple[tuple[int, Path], ...] = ()
+    # Files in the split's folders that are not images DALI reads: (extension, count), most first
+    skipped: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -42,6 +47,18 @@ class Split:
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(no extension)"
+
+
+def describe_skipped(skipped: tuple[tuple[str, int], ...]) -> str:
+    """'skipped 20 files: .webp 18, .txt 2' (or '' when nothing was)."""
+    if not skipped:
+        return ""
+    total = sum(n for _, n in skipped)
+    return f"skipped {total} file{'s' * (total != 1)}: " + ", ".join(f"{ext} {n}" for ext, n in skipped)
 
 
 def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> Split:
@@ -63,6 +80,7 @@ def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) 
     listing = root / f"{split}.txt"
     files: list[str] = []
     labels: list[int] = []
+    skipped: Counter[str] = Counter()
     if listing.is_file():
         for n, line in enumerate(listing.read_text().splitlines(), 1):
             if not line.strip():
@@ -77,13 +95,17 @@ def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) 
         index = {name: i for i, name in enumerate(classes)}
         for name in found:
             class_dir = folder / name
-            images = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and _is_image(e.name))
+            entries = [e.name for e in os.scandir(class_dir) if e.is_file()]
+            images = sorted(n for n in entries if _is_image(n))
             files.extend(str(class_dir / f) for f in images)
             labels.extend([index[name]] * len(images))
+            skipped.update(_extension(n) for n in entries if not _is_image(n))
+        skipped.update(_extension(e.name) for e in os.scandir(folder) if e.is_file())  # outside the class folders
     if not files:
-        raise DatasetError(f"{folder} holds no images (.JPEG, .jpg or .png files in its class folders)")
+        raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)} files in its class folders)"
+                           + (f"; {describe_skipped(tuple(skipped.most_common()))}" if skipped else ""))
     return Split(root=folder, files=tuple(files), labels=tuple(labels), classes=tuple(classes),
-                 copies=_copies(root, split) if listing.is_file() else ())
+                 copies=_copies(root, split) if listing.is_file() else (), skipped=tuple(skipped.most_common()))
 
 
 def _copies(root: Path, split: str) -> tuple[tuple[int, Path], ...]:

@@ -180,3 +180,15 @@ def test_profile_mode_writes_its_table_json_and_trace(tmp_path, capsys, colour_d
     trace = json.loads((out / report["trace"]).read_text())
     assert trace["traceEvents"]  # opens in Perfetto / chrome://tracing
     assert json.loads((out / "config.json").read_text())["profile"] is True
+
+
+def test_files_that_are_not_images_are_counted_at_start(tmp_path, capsys):
+    data = make_colour_dataset(tmp_path / "data", train_per_class=4, val_per_class=1)
+    (data / "train" / "a_red" / "labels.csv").write_text("x")
+    (data / "val" / "c_blue" / "scan.pdf").write_text("x")
+    out = tmp_path / "run"
+    assert main(["--data", str(data), *TINY, "--budget", "4s", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 file: .csv 1" in err and "skipped 1 file: .pdf 1" in err
+    start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
+    assert start["skipped_files"] == {"train": {".csv": 1}, "val": {".pdf": 1}}

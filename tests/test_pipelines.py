@@ -184,3 +184,33 @@ def test_train_shards_are_disjoint_cover_the_epoch_and_take_the_same_steps(colou
         assert len(first | second) >= min(n, 2 * steps * 4) - 1  # ... and covering, but for a padded repeat
         if n == 24:
             assert first | second == set(range(n))
+
+
+def test_every_format_dali_decodes_is_read_and_the_rest_is_counted(tmp_path):
+    """A user's folder: a third of the images WebP, some BMP, TIFF and JPEG 2000; notes and a hidden file beside."""
+    from PIL import Image
+
+    from pipelines.folder import describe_skipped
+
+    root = make_colour_dataset(tmp_path / "data", train_per_class=6, val_per_class=1)
+    formats = [("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"), ("jp2", "JPEG2000")]
+    for n, path in enumerate(sorted((root / "train").rglob("*.JPEG"))[::2]):
+        ext, fmt = formats[n % len(formats)]
+        with Image.open(path) as im:
+            im.save(path.with_suffix(f".{ext}"), fmt)
+        path.unlink()
+    (root / "train" / "a_red" / "notes.txt").write_text("x")
+    (root / "train" / "b_green" / ".DS_Store").write_bytes(b"x")
+    (root / "train" / "README.md").write_text("x")
+    train, _ = index_dataset(root)
+    assert len(train) == 18  # nothing dropped: 9 JPEGs, 9 in the other formats
+    assert Counter(Path(f).suffix for f in train.files) == {".JPEG": 9, ".webp": 3, ".bmp": 2, ".tiff": 2, ".jp2": 2}
+    assert dict(train.skipped) == {".txt": 1, "(no extension)": 1, ".md": 1}
+    assert describe_skipped(train.skipped).startswith("skipped 3 files: ")
+    loader = StageLoader(train, StageSpec(image_size=32, batch_size=6, num_threads=1), train=False, device=CPU)
+    batches = list(loader)
+    loader.close()
+    assert sum(len(labels) for _, labels in batches) == 18  # every file decoded
+    for images, labels in batches:  # and decoded right: the class colour is the brightest channel
+        colour = _unnormalize(images).mean(dim=(2, 3)).argmax(dim=1)
+        assert colour.tolist() == labels.tolist()

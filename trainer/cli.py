@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, index_dataset
+from pipelines.folder import describe_skipped
 from trainer import dist
 from trainer.budget import Budget
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
@@ -181,6 +182,9 @@ def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | N
     try:
         root = root or _data_root(cfg, say)
         train_split, val_split = index_dataset(root)
+        for split in (train_split, val_split):  # nothing a user gave is dropped unseen
+            if split.skipped:
+                say(f"{split.root}: {describe_skipped(split.skipped)} (not images DALI decodes)", err=True)
         demo_build_s = time.monotonic() - before_data if cfg.data == DEMO else 0.0
         shard = len(train_split) // world.world_size
         if shard < cfg.batch_size:

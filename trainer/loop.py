@@ -451,6 +451,7 @@ class Trainer:
                          world_size=self.world.world_size,
                          global_batch=cfg.global_batch, train_images=len(self.train_split),
                          val_images=len(self.val_split), stages=[asdict(st) for st in self.plan.stages()],
+                         skipped_files={"train": dict(self.train_split.skipped), "val": dict(self.val_split.skipped)},
                          eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
         if self.mode_note:
             self.readout.message(self.mode_note)
