@@ -84,15 +84,45 @@ def _normalize(images, spec: StageSpec, **crop_args):
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 
 
+def _read_shards(split: Split, spec: StageSpec, shuffle: bool):
+    """WebDataset shards in place (pipelines/wds.py): the image member, and the .cls member's ASCII digits parsed
+    into an int32 label inside the pipeline. Training mixes samples in a shuffle buffer (the shards' own order
+    otherwise), not a full reshuffle of the split as the file reader does."""
+    from pipelines.wds import IMAGE_EXT, LABEL_EXT
+
+    images, cls = fn.readers.webdataset(
+        paths=[tar for tar, _ in split.shards], index_paths=[idx for _, idx in split.shards],
+        ext=[IMAGE_EXT, LABEL_EXT], missing_component_behavior="error", random_shuffle=shuffle,
+        initial_fill=4096, shard_id=spec.shard_id, num_shards=spec.num_shards,
+        pad_last_batch=spec.num_shards > 1 or not shuffle, name="Reader",
+    )
+    return images, fn.reshape(_ascii_int(cls), shape=[1])
+
+
+def _ascii_int(text, width: int = 8):
+    """A class index written as ASCII digits (surrounding whitespace allowed), as int32: value = value * 10 + digit
+    for each digit, whitespace leaves it as it is."""
+    padded = fn.pad(text, fill_value=ord(" "), shape=[width])
+    value = None
+    for i in range(width):
+        c = fn.cast(padded[i], dtype=types.INT32)
+        digit = fn.cast((c >= ord("0")) & (c <= ord("9")), dtype=types.INT32)
+        value = (c - ord("0")) * digit if value is None else value * (1 + 9 * digit) + (c - ord("0")) * digit
+    return value
+
+
 @pipeline_def(enable_conditionals=True)  # DALI's auto_aug chooses operations with conditionals
 def _train_graph(split: Split, spec: StageSpec):
-    jpegs, labels = fn.readers.file(
-        files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
-        shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
-        shuffle_after_epoch_seed=spec.seed if spec.shuffle_seed is None else spec.shuffle_seed,
-        pad_last_batch=spec.num_shards > 1,  # sharded: see StageLoader (every rank takes the same steps)
-        name="Reader",
-    )
+    if split.shards:
+        jpegs, labels = _read_shards(split, spec, shuffle=True)
+    else:
+        jpegs, labels = fn.readers.file(
+            files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
+            shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
+            shuffle_after_epoch_seed=spec.seed if spec.shuffle_seed is None else spec.shuffle_seed,
+            pad_last_batch=spec.num_shards > 1,  # sharded: see StageLoader (every rank takes the same steps)
+            name="Reader",
+        )
     gpu = spec.device == "gpu"
     images = fn.decoders.image_random_crop(
         jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,  # RGB: grayscale/CMYK arrive as RGB
@@ -113,10 +143,13 @@ def _train_graph(split: Split, spec: StageSpec):
 
 @pipeline_def
 def _val_graph(split: Split, spec: StageSpec):
-    jpegs, labels = fn.readers.file(
-        files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
-        random_shuffle=False, pad_last_batch=True, name="Reader",
-    )
+    if split.shards:
+        jpegs, labels = _read_shards(split, spec, shuffle=False)
+    else:
+        jpegs, labels = fn.readers.file(
+            files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
+            random_shuffle=False, pad_last_batch=True, name="Reader",
+        )
     gpu = spec.device == "gpu"
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(spec.image_size / EVAL_CROP_FRACTION),

@@ -31,13 +31,16 @@ class Split:
     copies: tuple[tuple[int, Path], ...] = ()
     # Files in the split's folders that are not images DALI reads: (extension, count), most first
     skipped: tuple[tuple[str, int], ...] = ()
+    # WebDataset shards (pipelines/wds.py): (tar, DALI index) pairs DALI's webdataset reader reads; ``files`` then
+    # names the samples
+    shards: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def for_stage(self, image_size: int, source_ratio: float) -> Split:
         """The smallest copy whose shorter side is at least ``source_ratio`` x ``image_size`` (else this split)."""
-        fits = [(px, folder) for px, folder in self.copies if px >= source_ratio * image_size]
+        fits = [(px, folder) for px, folder in self.copies if px >= source_ratio * image_size and not self.shards]
         if not fits:
             return self
         _, folder = min(fits)

@@ -139,6 +139,8 @@ class StageLoader:
                 yield images, labels
 
     def _explain(self, message: str) -> ImageDecodeError:
+        if self.source.shards:  # members of tar shards: DALI's message is all there is
+            return ImageDecodeError(None, _dali_reason(message), message)
         for path in self.source.files:  # some DALI errors (e.g. file mapping) name the file
             if path in message:
                 return ImageDecodeError(path, _dali_reason(message), message)

@@ -1,6 +1,7 @@
 """Prepare ImageNet once, checking every image, into the layout the trainer reads fastest.
 
-    python tools/prepare_imagenet.py SRC --out DST [--layout auto|ilsvrc|kaggle|folder] [--max-size 256 | 96,192,full]
+    python tools/prepare_imagenet.py SRC --out DST [--layout auto|ilsvrc|kaggle|folder|hf-parquet|wds]
+                                     [--max-size 256 | 96,192,full]
                                      [--quality 90] [--subset-classes K] [--per-class N] [--seed 0] [--workers N]
                                      [--link]
 
@@ -10,23 +11,43 @@ SRC is one of:
           The tars are read in place, member by member: nothing is extracted to a temporary place.
   kaggle  ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, LOC_val_solution.csv and LOC_synset_mapping.txt.
   folder  an extracted ImageFolder: train/<class>/ and val/<class>/.
+  hf-parquet  the Hugging Face Hub's ILSVRC/imagenet-1k: data/train-*.parquet and data/validation-*.parquet (or
+          the same files directly in SRC; test-* shards are ignored), columns image {bytes, path} and label. Read with
+          pyarrow, one row group at a time: one worker task per shard reads each row group once (the shards are
+          not in class order, so per-class reads would re-read every row group once per class).
+  wds     WebDataset tar shards, as timm/imagenet-1k-wds: *train*.tar and *val*.tar (or *validation*) in SRC, each
+          sample a KEY.jpg (or .jpeg, .png, .webp), KEY.cls (the label, an integer) and an optional KEY.json
+          ({"label": ..., "class_name": ...}). The images are read in place from the tars, as for ilsvrc.
 
 DST gets train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, train.txt and val.txt ("relative/path label" per line),
 classes.txt ("index<TAB>wnid<TAB>name"; indices in sorted-WNID order, as torchvision's ImageNet and timm's heads)
-and manifest.json (counts, repairs, exclusions and options), the lists and the manifest written last.
+and manifest.json (counts, repairs, exclusions, options and the class order), the lists and the manifest last.
+
+Class order of hf-parquet and wds: these sources carry integer labels and no WNIDs, so the label index is the class
+index (ImageNet-1k's labels are its classes in sorted-WNID order, the order above) and the class folders are named
+after it, zero-padded so that their sorted order is the label order: train/c0000/ holds label 0, train/c0999/
+label 999 (classes.txt: "0<TAB>c0000<TAB>tench, Tinca tinca"). The human-readable names come from the Parquet
+schema's ClassLabel names (metadata key "huggingface") or the shards' .json class_name; without them the folder name
+is repeated. Every class of the ClassLabel list gets its folders, images or not, so that a partial download keeps
+the indices; without a list the classes are 0 to the largest label seen. manifest.json's "class_order" says which
+order a preparation used.
 
 Every image is decoded once: CMYK and other non-RGB JPEGs, and non-JPEG content (a PNG named .JPEG), are
 re-encoded as JPEG; grayscale JPEGs are kept (the pipeline decodes to RGB); unreadable or truncated files are left
 out and listed in the manifest. ``--max-size 96,192,full`` writes one copy per size (the largest in DST, the
 others in DST/max-<px>/); the trainer then reads, for each curriculum stage, the smallest copy whose shorter side
 is at least ``--source-ratio`` times the stage's image size. A rerun of the same command after an interruption
-finishes the classes left; archives holding a member with an absolute path, "..", a link or a device are refused.
+finishes the classes (hf-parquet: the shards) left; archives holding a member with an absolute path, "..", a link
+or a device are refused. Bad input (a Parquet shard without an image column, a shard member that is neither an image
+nor a label, a label outside the class list, no shards) stops the job with one line naming the file, before anything
+is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import os
@@ -77,6 +98,26 @@ class Item:
             f.seek(self.offset)
             return f.read(self.size)
 
+    @property
+    def whole_file(self) -> bool:
+        """The bytes are all of ``path`` (so --link can hard-link it)."""
+        return not self.offset and self.size < 0
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetItem(Item):
+    """An image in a Parquet shard (``path``): row ``row`` of row group ``group`` of its image column."""
+
+    group: int = 0
+    row: int = 0
+
+    def read(self) -> bytes:
+        return _parquet_images(self.path, self.group)[self.row] or b""
+
+    @property
+    def whole_file(self) -> bool:
+        return False
+
 
 @dataclass
 class Catalog:
@@ -87,6 +128,8 @@ class Catalog:
     splits: dict[str, dict[str, list[Item]]]
     in_archive: bool
     unlabeled: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> [(file, reason)]
+    order: str = "sorted WNIDs"  # what the class indices follow (the manifest's class_order)
+    by_shard: bool = False  # one worker task per source file (its images in file order), not per class
 
 
 # ----------------------------------------------------------------------------------------------------- archives
@@ -281,10 +324,246 @@ def _scan_folder(src: Path, progress: Callable[[str], None]) -> Catalog:
     for split in SPLITS:
         splits[split] = {c: _images_in(src / split / c) if (src / split / c).is_dir() else [] for c in classes}
         progress(f"listed {split}/")
-    return Catalog("folder", {c: c for c in classes}, splits, in_archive=False)
+    return Catalog("folder", {c: c for c in classes}, splits, in_archive=False, order="sorted class folder names")
 
 
-LAYOUTS = {"ilsvrc": _scan_ilsvrc, "kaggle": _scan_kaggle, "folder": _scan_folder}
+# ------------------------------------------------------------------------------------------ labelled shards
+
+
+def _label_catalog(layout: str, labelled: dict[str, list[tuple[int, Item]]], names: dict[int, str],
+                   count: int | None, by_shard: bool) -> Catalog:
+    """Images labelled by index -> a Catalog whose class folders (c0000, c0001, ...) sort in label order."""
+    if count is None:
+        count = 1 + max((label for pairs in labelled.values() for label, _ in pairs), default=-1)
+    width = max(4, len(str(count - 1)))
+    folders = [f"c{i:0{width}d}" for i in range(count)]
+    splits: dict[str, dict[str, list[Item]]] = {s: {f: [] for f in folders} for s in SPLITS}
+    for split, pairs in labelled.items():
+        for label, item in pairs:
+            splits[split][folders[label]].append(item)
+    known = "named" if names else "unnamed"
+    order = (f"label index ({known} labels; class folder c{0:0{width}d} is label 0; ImageNet-1k's labels are its "
+             "classes in sorted-WNID order)")
+    return Catalog(layout, {f: names.get(i, f) for i, f in enumerate(folders)}, splits, in_archive=True,
+                   order=order, by_shard=by_shard)
+
+
+HF_SPLITS = {"train": ("train-",), "val": ("validation-", "val-")}  # test-* shards: no labels, ignored
+
+
+def _parquet_shards(src: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """(the folder, split -> its shards): SRC/data/ if it holds train or validation shards, else SRC."""
+    for folder in (src / "data", src):
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".parquet" and p.is_file())
+        shards = {split: [p for p in files if p.name.startswith(prefixes)] for split, prefixes in HF_SPLITS.items()}
+        if any(shards.values()):
+            return folder, shards
+    return src, {split: [] for split in SPLITS}
+
+
+def _hf_label_names(metadata: dict | None) -> list[str] | None:
+    """The ClassLabel names the Hub stores in the schema metadata (b"huggingface"), or None."""
+    try:
+        label = json.loads((metadata or {})[b"huggingface"])["info"]["features"]["label"]
+        names = label["names"] if label.get("_type") == "ClassLabel" else None
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _parquet_columns(path: Path):
+    """The opened shard and (its image column's type) after checking the schema; PrepareError naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        shard = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PrepareError(f"{path}: not a readable Parquet file ({e})") from None
+    schema = shard.schema_arrow
+    for column in ("image", "label"):
+        if column not in schema.names:
+            raise PrepareError(f"{path}: no {column!r} column (the hf-parquet layout needs image and label; "
+                               f"found {', '.join(schema.names) or 'none'})")
+    image = schema.field("image").type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)
+            or (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0)):
+        raise PrepareError(f"{path}: column 'image' is {image}, not a struct {{bytes, path}} or binary")
+    if not pa.types.is_integer(schema.field("label").type):
+        raise PrepareError(f"{path}: column 'label' is {schema.field('label').type}, not an integer")
+    return shard, image
+
+
+def _scan_hf_parquet(src: Path, progress: Callable[[str], None]) -> Catalog:
+    import pyarrow as pa
+
+    folder, shards = _parquet_shards(src)
+    for split, prefixes in HF_SPLITS.items():
+        if not shards[split]:
+            raise PrepareError(f"{folder}: no {prefixes[0]}*.parquet shards (the hf-parquet layout reads "
+                               f"{src / 'data'}/ or {src}/)")
+    names: list[str] | None = None
+    named_by: Path | None = None
+    found: dict[str, list[tuple[int, Path, int, int, str | None]]] = {s: [] for s in SPLITS}
+    every = [(split, path) for split in SPLITS for path in shards[split]]
+    for n, (split, path) in enumerate(every, 1):
+        shard, image = _parquet_columns(path)
+        shard_names = _hf_label_names(shard.schema_arrow.metadata)
+        if shard_names is not None:
+            if names is not None and shard_names != names:
+                raise PrepareError(f"{path}: its ClassLabel names differ from those of {named_by}")
+            names, named_by = shard_names, path
+        has_path = pa.types.is_struct(image) and image.get_field_index("path") >= 0
+        try:
+            for group in range(shard.num_row_groups):
+                table = shard.read_row_group(group, columns=["label", "image.path"] if has_path else ["label"])
+                labels = table.column("label").to_pylist()
+                paths = ([v["path"] for v in table.column("image").to_pylist()] if has_path
+                         else [None] * len(labels))
+                for row, (label, name) in enumerate(zip(labels, paths, strict=True)):
+                    found[split].append((label, path, group, row, name))
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(f"{path}: unreadable ({e})") from None
+        if n % 20 == 0 or n == len(every):
+            progress(f"scanned {n}/{len(every)} Parquet shards")
+    labelled: dict[str, list[tuple[int, Item]]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        stems: set[tuple[int, str]] = set()
+        row_of: dict[Path, int] = {}
+        for label, path, group, row, name in found[split]:
+            if label is None or label < 0 or (names is not None and label >= len(names)):
+                limit = f"the {len(names)} ClassLabel names" if names is not None else "the class list"
+                raise PrepareError(f"{path}: row group {group} row {row} has label {label}, outside {limit}")
+            index = row_of[path] = row_of.get(path, -1) + 1
+            base = PurePosixPath(name).name if name else ""
+            stem = base.rpartition(".")[0] or base
+            if not stem or stem.startswith(".") or (label, stem) in stems:  # stems unique within a class
+                base = f"{path.name.removesuffix('.parquet')}_{index:07d}.JPEG"
+                stem = base.rpartition(".")[0]
+            stems.add((label, stem))
+            labelled[split].append((label, ParquetItem(base, str(path), group=group, row=row)))
+    if not labelled["train"]:
+        raise PrepareError(f"{folder}: the train-*.parquet shards hold no rows")
+    return _label_catalog("hf-parquet", labelled, dict(enumerate(names or [])),
+                          len(names) if names is not None else None, by_shard=True)
+
+
+_ROW_GROUP: dict = {}  # this process's current Parquet row group: path, file, group, images
+
+
+def _parquet_images(path: str, group: int) -> list[bytes | None]:
+    """The image bytes of one row group, read once while a worker walks a shard in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if _ROW_GROUP.get("path") != path or _ROW_GROUP.get("group") != group:
+        try:
+            if _ROW_GROUP.get("path") != path:
+                _ROW_GROUP.clear()
+                _ROW_GROUP.update(path=path, file=pq.ParquetFile(path))
+            shard = _ROW_GROUP["file"]
+            struct = pa.types.is_struct(shard.schema_arrow.field("image").type)
+            column = shard.read_row_group(group, columns=["image.bytes" if struct else "image"]).column("image")
+        except (pa.ArrowException, OSError) as e:
+            _ROW_GROUP.clear()
+            raise OSError(errno.EIO, f"row group {group} of {path}: {e}") from None
+        chunks = [c.field("bytes") if struct else c for c in column.chunks]
+        _ROW_GROUP.update(group=group, images=[v for c in chunks for v in c.to_pylist()])
+    return _ROW_GROUP["images"]
+
+
+WDS_IMAGES = ("jpg", "jpeg", "png", "webp")
+WDS_SPLITS = {"train": ("train",), "val": ("val",)}  # "val" also matches "validation"
+
+
+def _wds_shards(src: Path) -> dict[str, list[Path]]:
+    tars = sorted(p for p in src.iterdir() if p.suffix == ".tar" and p.is_file()
+                  and p.name not in (TRAIN_TAR, VAL_TAR)) if src.is_dir() else []
+    train = [p for p in tars if "train" in p.name.lower()]
+    return {"train": train, "val": [p for p in tars if "val" in p.name.lower() and p not in train]}
+
+
+def _wds_small(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path) -> bytes:
+    if member.size > 1 << 20:
+        raise PrepareError(f"{shard}: member {member.name!r} is {member.size:,} bytes, too large for a label")
+    return tar.extractfile(member).read()
+
+
+def _wds_samples(path: Path) -> Iterator[tuple[str, dict]]:
+    """(key, {"image": (member, ext), "cls": int, "json": dict}) per sample of one shard, in member order."""
+    samples: dict[str, dict] = {}
+    with _open_plain_tar(path) as tar:
+        for m in _regular_members(tar, path.name):
+            folder, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")  # WebDataset: the key ends at the basename's first dot
+            key, kind = f"{folder}/{stem}" if folder else stem, ext.lower()
+            sample = samples.setdefault(key, {})
+            if kind in WDS_IMAGES:
+                if "image" in sample:
+                    raise PrepareError(f"{path}: sample {key!r} has two images ({sample['image'][0].name!r}, "
+                                       f"{m.name!r})")
+                sample["image"] = (m, ext)
+            elif kind == "cls":
+                text = _wds_small(tar, m, path).decode("ascii", "replace").strip()
+                try:
+                    sample["cls"] = int(text)
+                except ValueError:
+                    raise PrepareError(f"{path}: member {m.name!r} holds {text[:40]!r}, not an integer label") from None
+            elif kind == "json":
+                try:
+                    meta = json.loads(_wds_small(tar, m, path))
+                except ValueError as e:
+                    raise PrepareError(f"{path}: member {m.name!r} is not valid JSON ({e})") from None
+                if not isinstance(meta, dict):
+                    raise PrepareError(f"{path}: member {m.name!r} is not a JSON object")
+                sample["json"] = meta
+            else:
+                raise PrepareError(f"{path}: member {m.name!r} is neither an image (.{', .'.join(WDS_IMAGES)}) "
+                                   "nor a label (.cls, .json)")
+    yield from samples.items()
+
+
+def _scan_wds(src: Path, progress: Callable[[str], None]) -> Catalog:
+    shards = _wds_shards(src)
+    for split, words in WDS_SPLITS.items():
+        if not shards[split]:
+            raise PrepareError(f"{src}: no *{words[0]}*.tar shards (the wds layout reads WebDataset tars in SRC)")
+    names: dict[int, str] = {}
+    labelled: dict[str, list[tuple[int, Item]]] = {s: [] for s in SPLITS}
+    every = [(split, path) for split in SPLITS for path in shards[split]]
+    for n, (split, path) in enumerate(every, 1):
+        for key, sample in _wds_samples(path):
+            meta = sample.get("json", {})
+            label, also = sample.get("cls"), meta.get("label")
+            if label is None or (also is not None and also != label):
+                label, other = also, label
+                if other is not None:
+                    raise PrepareError(f"{path}: sample {key!r} has label {other} in .cls but {label!r} in .json")
+            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+                what = "no label (.cls or .json 'label')" if label is None else f"label {label!r}, outside the class list"
+                raise PrepareError(f"{path}: sample {key!r} has {what}")
+            if "image" not in sample:
+                raise PrepareError(f"{path}: sample {key!r} has no image (.{', .'.join(WDS_IMAGES)})")
+            name = meta.get("class_name")
+            if isinstance(name, str) and name:
+                if names.setdefault(label, name) != name:
+                    raise PrepareError(f"{path}: sample {key!r} names class {label} {name!r}, other samples "
+                                       f"{names[label]!r}")
+            member, ext = sample["image"]
+            item = Item(f"{PurePosixPath(key).name}.{ext}", str(path), member.offset_data, member.size)
+            labelled[split].append((label, item))
+        if n % 20 == 0 or n == len(every):
+            progress(f"scanned {n}/{len(every)} WebDataset shards")
+    if not labelled["train"]:
+        raise PrepareError(f"{src}: the *train*.tar shards hold no samples")
+    return _label_catalog("wds", labelled, names, None, by_shard=False)
+
+
+LAYOUTS = {"ilsvrc": _scan_ilsvrc, "kaggle": _scan_kaggle, "folder": _scan_folder, "hf-parquet": _scan_hf_parquet,
+           "wds": _scan_wds}
+ARCHIVE_LAYOUTS = ("ilsvrc", "hf-parquet", "wds")  # images read from inside files: nothing to hard-link
 
 
 def detect_layout(src: Path) -> str:
@@ -294,8 +573,13 @@ def detect_layout(src: Path) -> str:
         return "kaggle"
     if (src / "train").is_dir():
         return "folder"
+    if any(_parquet_shards(src)[1].values()):
+        return "hf-parquet"
+    if any(_wds_shards(src).values()):
+        return "wds"
     raise PrepareError(f"{src}: no ImageNet layout found (expected {TRAIN_TAR} and friends, "
-                       f"{KAGGLE_DATA}/train/, or train/<class>/ and val/<class>/); name one with --layout")
+                       f"{KAGGLE_DATA}/train/, train/<class>/ and val/<class>/, data/train-*.parquet or "
+                       "*train*.tar WebDataset shards); name one with --layout")
 
 
 # ----------------------------------------------------------------------------------------------------- one image

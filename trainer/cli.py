@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import DatasetError, ImageDecodeError, index_dataset
+from pipelines import DatasetError, ImageDecodeError, open_dataset
 from pipelines.folder import describe_skipped
 from trainer import dist
 from trainer.budget import Budget
@@ -29,7 +29,12 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _data_root(cfg: TrainConfig, say: Say) -> Path:
+def _data_root(cfg: TrainConfig, say: Say) -> Path | str:
+    """The demo's folder (built on first use), a folder, or a ``wds:`` spec of WebDataset shards."""
+    from pipelines.wds import absolute, is_wds
+
+    if is_wds(cfg.data):
+        return absolute(cfg.data)
     if cfg.data == DEMO:
         from pipelines.demo_dataset import default_demo_root, ensure_demo_dataset
 
@@ -132,6 +137,7 @@ class _Checked:
     train_split: Any
     val_split: Any
     demo_build_s: float
+    data_root: str  # absolute: the folder, or the wds: spec
 
 
 def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
@@ -181,7 +187,7 @@ def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | N
         return None
     try:
         root = root or _data_root(cfg, say)
-        train_split, val_split = index_dataset(root)
+        train_split, val_split = open_dataset(root)
         for split in (train_split, val_split):  # nothing a user gave is dropped unseen
             if split.skipped:
                 say(f"{split.root}: {describe_skipped(split.skipped)} (not images DALI decodes)", err=True)
@@ -196,7 +202,8 @@ def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | N
         failure = str(e)
     if not _checks_passed(world, failure):
         return None
-    return _Checked(cfg, out, resume, train_split, val_split, demo_build_s)
+    data_root = root if isinstance(root, str) else str(train_split.root.parent.resolve())
+    return _Checked(cfg, out, resume, train_split, val_split, demo_build_s, data_root)
 
 
 def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
@@ -220,7 +227,7 @@ def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
                 spent_before_s=round(budget.spent_before, 3), world_size=world.world_size)
     else:
         run.write_config({**asdict(cfg), "peak_lr": cfg.peak_lr, "global_batch": cfg.global_batch,
-                          "data_root": str(train_split.root.parent.resolve()),
+                          "data_root": checked.data_root,
                           "classes": list(train_split.classes),
                           "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                        "dali": nvidia.dali.__version__}})

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import DatasetError, ImageDecodeError, Split, index_dataset
+from pipelines import DatasetError, ImageDecodeError, Split, open_dataset
 from pipelines.folder import IMAGE_EXTENSIONS
 from trainer.rundir import write_bytes_atomic, write_json_atomic
 from trainer.use import MODEL_FOLDER, WEIGHTS, OpenedRun, RunError, check_size, open_run, write_model_folder
@@ -64,7 +64,7 @@ def _loader(run: OpenedRun, split: Split, size: int, batch: int, device: Any, wo
 def eval_main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="vit-eval", description="Evaluate a run's model on a split: top-1, top-5, per-class accuracy.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--data", type=Path, help="ImageNet-layout folder (default: the one the run trained on)")
+    p.add_argument("--data", help="ImageNet-layout folder or wds:… shards (default: what the run trained on)")
     p.add_argument("--split", default="val", choices=("val", "train"))
     p.add_argument("--image-size", help="size or comma-separated sizes, multiples of 16 (default: the run's eval size)")
     p.add_argument("--weights", default="auto", help=f"{', '.join(WEIGHTS)} (auto: what the run evaluated)")
@@ -102,10 +102,10 @@ def _eval_inputs(args: argparse.Namespace) -> tuple[OpenedRun, Split, list[int],
     root = args.data or run.data_root
     if root is None:
         raise RunError(f"{args.run_dir} does not record its data folder: pass --data DIR")
-    train, val = index_dataset(root)
+    train, val = open_dataset(str(root))
     split = val if args.split == "val" else train
     if split.classes != run.classes:
-        raise RunError(f"{split.root.parent}'s classes are not the {len(run.classes)} the run trained on")
+        raise RunError(f"{root}: its classes are not the {len(run.classes)} the run trained on")
     return run, split, sizes, _device(args.device)
 
 

@@ -19,11 +19,11 @@ def sample_batch(run: OpenedRun, size: int) -> Any:
     folder is gone, normalized noise: the check still compares the two runtimes)."""
     import torch
 
-    from pipelines import DatasetError, StageLoader, index_dataset
+    from pipelines import DatasetError, StageLoader, open_dataset
     from trainer.loop import stage_spec
 
     try:
-        _, val = index_dataset(run.data_root) if run.data_root else (None, None)
+        _, val = open_dataset(str(run.data_root)) if run.data_root else (None, None)
     except DatasetError:
         val = None
     if val is None:

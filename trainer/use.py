@@ -30,7 +30,7 @@ class OpenedRun:
     path: Path
     cfg: TrainConfig
     classes: tuple[str, ...]
-    data_root: Path | None
+    data_root: str | None  # a folder, or a wds: spec
     weights: str  # "ema" or "raw": which weights fill the model
     source: Path  # the file they came from: model.safetensors or a checkpoint
     state_dict: dict[str, Any]
@@ -76,7 +76,7 @@ def open_run(run_dir: Path, weights: str = "auto") -> OpenedRun:
     if not classes:
         raise RunError(f"{run_dir}/config.json lists no classes")
     root = saved.get("data_root")
-    return OpenedRun(run_dir, cfg, classes, Path(root) if root else None, kind, source, state, _grid_size(state))
+    return OpenedRun(run_dir, cfg, classes, root or None, kind, source, state, _grid_size(state))
 
 
 def _weights(run_dir: Path, kind: str, evaluated: str) -> tuple[dict[str, Any], Path]:
