@@ -172,3 +172,18 @@ def test_a_sigterm_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_proc
     if stopped["state"]["epoch_step"]:  # stopped mid-epoch: the shards changed, so that epoch restarts
         assert f"epoch {stopped['state']['epoch']} restarts from its beginning" in printed
         assert any(e["event"] == "resume_world" for e in _events(out))
+
+
+def test_two_processes_train_from_webdataset_shards(tmp_path, data, monkeypatch):
+    from tests.test_wds import write_shards
+
+    monkeypatch.setenv("VITBUDGET_CACHE", str(tmp_path / "cache"))  # the ranks inherit it: one index cache
+    shards = write_shards(data, tmp_path / "shards")
+    out = tmp_path / "run"
+    _join(_launch(["--data", f"wds:{shards}", *TINY, "--budget", "15s", "--out", str(out)], tmp_path))
+    ranks = _results(tmp_path)
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert ranks[0]["step"] == ranks[1]["step"] > 0 and [r["shard"] for r in ranks] == [[0, 2], [1, 2]]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    evals = [e for e in _events(out) if e["event"] == "eval"]
+    assert evals and all(e["images"] == 15 for e in evals)  # each val image once over the two ranks
