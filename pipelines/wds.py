@@ -177,3 +177,34 @@ def _count(idx: str) -> int:
     """The sample count on the index's first line ("v1.2 N")."""
     with open(idx) as f:
         return int(f.readline().split()[1])
+
+
+def write_shards(split: Split, out: Path, name: str, per_shard: int = 1000) -> list[Path]:
+    """``split`` (a folder's) as WebDataset shards ``out/<name>-NNNN.tar`` in timm's layout: KEY.<ext>, KEY.cls,
+    KEY.json with the class name. Samples go in the split's order; each shard is written whole, then renamed."""
+    import io
+    import tarfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, start in enumerate(range(0, len(split), per_shard)):
+        path = out / f"{name}-{n:04d}.tar"
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with tarfile.open(tmp, "w") as tar:
+                for i in range(start, min(start + per_shard, len(split))):
+                    file, label = split.files[i], split.labels[i]
+                    members = {Path(file).suffix.lower().lstrip("."): Path(file).read_bytes(),
+                               LABEL_EXT: str(label).encode(),
+                               META_EXT: json.dumps({"class_name": split.classes[label]}).encode()}
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written

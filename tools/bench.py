@@ -442,6 +442,40 @@ def _steady_rate(run: Path) -> float:
     return statistics.median(rates)
 
 
+def bench_wds(args: argparse.Namespace) -> None:
+    """The training pipeline reading WebDataset shards (DALI's webdataset reader) against the same images as files
+    (its file reader): the demo's train split, converted once into shards of 500 in a temporary folder."""
+    import tempfile
+
+    from pipelines import open_dataset
+    from pipelines.wds import write_shards
+
+    folder, _ = index_dataset(ensure_demo_dataset())
+    device = torch.device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["VITBUDGET_CACHE"] = tmp  # the shards' index, made here and dropped after
+        write_shards(folder, Path(tmp) / "shards", "demo-train", per_shard=500)
+        _, val = index_dataset(ensure_demo_dataset())
+        write_shards(val, Path(tmp) / "shards", "demo-val", per_shard=500)
+        shards, _ = open_dataset(f"wds:{tmp}/shards")
+        for size in args.sizes:
+            spec = StageSpec.on(device, image_size=size, batch_size=args.batch_size, num_threads=args.workers)
+
+            def rate(split, spec: StageSpec = spec) -> float:
+                loader = StageLoader(split, spec, train=True, device=device)
+                ips = time_batches(loader, args.batches, 2, device)
+                loader.close()
+                return ips
+
+            wds, files = _median_of(args.repeats, lambda: rate(shards)), _median_of(args.repeats, lambda: rate(folder))
+            rows.append((size, wds, files))
+            print(f"{size} px: webdataset {wds:.0f} img/s, files {files:.0f} img/s", flush=True)
+    _ratio_table(f"python tools/bench.py wds --device {args.device} --workers {args.workers} --batch-size "
+                 f"{args.batch_size} --batches {args.batches} --repeats {args.repeats}   (medians of {args.repeats})",
+                 ("webdataset img/s", "file reader img/s"), rows)
+
+
 def bench_eval(args: argparse.Namespace) -> None:
     """vit-eval's work: the demo's val split through the evaluation's pipeline and the model (the weights do not
     change the speed), timed whole (pipeline build included), as vit-eval reports img/s."""
@@ -635,6 +669,13 @@ def main() -> int:
     tr.add_argument("--repeats", type=int, default=3)
     tr.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     tr.add_argument("--step", default="auto", choices=("auto", "eager", "graph", "compile"))
+    wd = sub.add_parser("wds", help="the train pipeline from WebDataset shards vs from files (DALI's two readers)")
+    wd.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[32, 224])
+    wd.add_argument("--batch-size", type=int, default=64)
+    wd.add_argument("--batches", type=int, default=15)
+    wd.add_argument("--workers", type=int, default=2)
+    wd.add_argument("--repeats", type=int, default=3)
+    wd.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ev = sub.add_parser("eval", help="vit-eval's throughput: the demo's val split, pipeline and model")
     ev.add_argument("--model", default="vit_local_tiny_patch16")
     ev.add_argument("--size", type=int, default=96)
@@ -668,7 +709,7 @@ def main() -> int:
     pr.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     benches = {"curriculum": bench_curriculum, "pipeline": bench_pipeline, "model": bench_model, "loop": bench_loop,
-               "track": bench_track, "eval": bench_eval, "ddp": bench_ddp,
+               "track": bench_track, "eval": bench_eval, "wds": bench_wds, "ddp": bench_ddp,
                "fused": bench_fused, "small-images": bench_small_images, "prepare": bench_prepare}
     benches[args.bench](args)
     return 0

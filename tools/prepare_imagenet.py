@@ -341,9 +341,8 @@ def _label_catalog(layout: str, labelled: dict[str, list[tuple[int, Item]]], nam
     for split, pairs in labelled.items():
         for label, item in pairs:
             splits[split][folders[label]].append(item)
-    known = "named" if names else "unnamed"
-    order = (f"label index ({known} labels; class folder c{0:0{width}d} is label 0; ImageNet-1k's labels are its "
-             "classes in sorted-WNID order)")
+    order = (f"label index (class folder c{0:0{width}d} is label 0; ImageNet-1k's labels are in sorted-WNID order)"
+             + ("" if names else "; the source names no classes"))
     return Catalog(layout, {f: names.get(i, f) for i, f in enumerate(folders)}, splits, in_archive=True,
                    order=order, by_shard=by_shard)
 
@@ -536,13 +535,13 @@ def _scan_wds(src: Path, progress: Callable[[str], None]) -> Catalog:
     for n, (split, path) in enumerate(every, 1):
         for key, sample in _wds_samples(path):
             meta = sample.get("json", {})
-            label, also = sample.get("cls"), meta.get("label")
-            if label is None or (also is not None and also != label):
-                label, other = also, label
-                if other is not None:
-                    raise PrepareError(f"{path}: sample {key!r} has label {other} in .cls but {label!r} in .json")
+            cls, also = sample.get("cls"), meta.get("label")
+            if cls is not None and also is not None and also != cls:
+                raise PrepareError(f"{path}: sample {key!r} has label {cls} in .cls but {also!r} in .json")
+            label = cls if cls is not None else also
             if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-                what = "no label (.cls or .json 'label')" if label is None else f"label {label!r}, outside the class list"
+                what = ("no label (.cls or .json 'label')" if label is None
+                        else f"label {label!r}, outside the class list")
                 raise PrepareError(f"{path}: sample {key!r} has {what}")
             if "image" not in sample:
                 raise PrepareError(f"{path}: sample {key!r} has no image (.{', .'.join(WDS_IMAGES)})")
@@ -675,51 +674,84 @@ def _output_name(name: str, reencoded: bool, used: set[str]) -> str:
     return candidate
 
 
+def _new_record(split: str, wnid: str) -> dict:
+    return {"split": split, "wnid": wnid, "kept": [], "repaired": [], "excluded": [], "resized": 0, "linked": 0}
+
+
+def _process_item(item: Item, record: dict, folders: list[Path], copies: list[Copy], quality: int, link: bool,
+                  used: set[str]) -> None:
+    """Check, repair and write one image into its class's work folders, one per copy; ``record`` says what."""
+    split, wnid = record["split"], record["wnid"]
+    if "\n" in item.name or "\r" in item.name:
+        record["excluded"].append((f"{split}/{wnid}/{item.name!r}", "file name holds a line break"))
+        return
+    try:
+        data = item.read()
+    except OSError as e:
+        record["excluded"].append((f"{split}/{wnid}/{item.name}", f"unreadable ({e.strerror})"))
+        return
+    image, repair, exclude = inspect_image(data)
+    if exclude:
+        record["excluded"].append((f"{split}/{wnid}/{item.name}", exclude))
+        return
+    name = _output_name(item.name, repair is not None, used)
+    used.add(name)
+    pixels = _as_rgb_or_gray(image) if repair else None
+    for copy, folder in zip(copies, folders, strict=True):
+        target = folder / name
+        small = copy.max_size is not None and min(image.size) > copy.max_size
+        if small:
+            if pixels is None:
+                pixels = _as_rgb_or_gray(image)
+            _shrunk(pixels, copy.max_size).save(target, "JPEG", quality=quality)
+            record["resized"] += 1
+        elif repair:
+            pixels.save(target, "JPEG", quality=quality)
+        elif link and item.whole_file and _try_link(item.path, target):
+            record["linked"] += 1
+        else:
+            target.write_bytes(data)
+    record["kept"].append(name)
+    if repair:
+        record["repaired"].append((f"{split}/{wnid}/{name}", repair))
+
+
+def _work_folders(out: str | Path, copies: list[Copy], split: str, wnid: str) -> list[Path]:
+    return [Path(out) / WORK / "partial" / (c.rel or "main") / split / wnid for c in copies]
+
+
 def process_class(split: str, wnid: str, items: list[Item], out: str, copies: list[Copy], quality: int,
                   link: bool) -> dict:
     """Check, repair and write one class of one split into the work folder; returns its record."""
-    work = Path(out) / WORK
-    folders = [work / "partial" / (c.rel or "main") / split / wnid for c in copies]
+    folders = _work_folders(out, copies, split, wnid)
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)  # a previous attempt's half
         folder.mkdir(parents=True)
-    kept, repaired, excluded, resized, linked = [], [], [], 0, 0
-    used: set[str] = set()
+    record, used = _new_record(split, wnid), set()
     for item in items:
-        if "\n" in item.name or "\r" in item.name:
-            excluded.append((f"{split}/{wnid}/{item.name!r}", "file name holds a line break"))
-            continue
-        try:
-            data = item.read()
-        except OSError as e:
-            excluded.append((f"{split}/{wnid}/{item.name}", f"unreadable ({e.strerror})"))
-            continue
-        image, repair, exclude = inspect_image(data)
-        if exclude:
-            excluded.append((f"{split}/{wnid}/{item.name}", exclude))
-            continue
-        name = _output_name(item.name, repair is not None, used)
-        used.add(name)
-        pixels = _as_rgb_or_gray(image) if repair else None
-        for copy, folder in zip(copies, folders, strict=True):
-            target = folder / name
-            small = copy.max_size is not None and min(image.size) > copy.max_size
-            if small:
-                if pixels is None:
-                    pixels = _as_rgb_or_gray(image)
-                _shrunk(pixels, copy.max_size).save(target, "JPEG", quality=quality)
-                resized += 1
-            elif repair:
-                pixels.save(target, "JPEG", quality=quality)
-            elif link and not item.offset and item.size < 0 and _try_link(item.path, target):
-                linked += 1
-            else:
-                target.write_bytes(data)
-        kept.append(name)
-        if repair:
-            repaired.append((f"{split}/{wnid}/{name}", repair))
-    return {"split": split, "wnid": wnid, "kept": sorted(kept), "repaired": repaired, "excluded": excluded,
-            "resized": resized, "linked": linked}
+        _process_item(item, record, folders, copies, quality, link, used)
+    record["kept"].sort()
+    return record
+
+
+def process_shard(split: str, shard: str, entries: list[tuple[str, Item]], out: str, copies: list[Copy],
+                  quality: int, link: bool) -> dict:
+    """Check, repair and write the images of one source file (``entries``: (class, item) in file order) into their
+    classes' work folders; returns the per-class records. Output names cannot collide with another shard's: the
+    scanner made the names' stems unique within each class."""
+    classes: dict[str, tuple[list[Path], dict, set[str]]] = {}
+    try:
+        for wnid, item in entries:
+            if wnid not in classes:
+                folders = _work_folders(out, copies, split, wnid)
+                for folder in folders:
+                    folder.mkdir(parents=True, exist_ok=True)
+                classes[wnid] = folders, _new_record(split, wnid), set()
+            folders, record, used = classes[wnid]
+            _process_item(item, record, folders, copies, quality, link, used)
+    finally:
+        _ROW_GROUP.clear()  # one task reads one shard: nothing to keep for the next
+    return {"split": split, "shard": shard, "classes": {w: record for w, (_, record, _) in classes.items()}}
 
 
 def _try_link(src: str, dst: Path) -> bool:
@@ -858,28 +890,80 @@ def _finish_class(out: Path, copies: list[Copy], record: dict) -> None:
     _atomic_write(out / WORK / "done" / split / f"{wnid}.json", json.dumps(record))
 
 
-def _units(catalog: Catalog, wnids: list[str], out: Path) -> Iterator[tuple[str, str, list[Item]]]:
+Task = tuple[Callable[..., dict], tuple, int]  # (worker function, its leading arguments, its images)
+
+
+def _shard_record(out: Path, split: str, shard: str) -> Path:
+    return out / WORK / "shards" / split / f"{Path(shard).name}.json"
+
+
+def _tasks(catalog: Catalog, wnids: list[str], out: Path) -> list[Task]:
+    """The work not done yet: one task per class and split, or (by_shard layouts) per source file and split."""
+    if not catalog.by_shard:
+        return [(process_class, (split, wnid, items), len(items))
+                for split in SPLITS for wnid in wnids if not (out / WORK / "done" / split / f"{wnid}.json").is_file()
+                for items in [catalog.splits[split].get(wnid, [])]]
+    tasks: list[Task] = []
     for split in SPLITS:
+        shards: dict[str, list[tuple[str, Item]]] = {}
         for wnid in wnids:
-            if not (out / WORK / "done" / split / f"{wnid}.json").is_file():
-                yield split, wnid, catalog.splits[split].get(wnid, [])
+            for item in catalog.splits[split].get(wnid, []):
+                shards.setdefault(item.path, []).append((wnid, item))
+        for shard, entries in sorted(shards.items()):
+            if not _shard_record(out, split, shard).is_file():
+                entries.sort(key=lambda e: (getattr(e[1], "group", 0), getattr(e[1], "row", 0), e[1].offset))
+                tasks.append((process_shard, (split, shard, entries), len(entries)))
+    return tasks
 
 
-def _run_units(units: list[tuple[str, str, list[Item]]], out: Path, copies: list[Copy], args: argparse.Namespace,
+def _task_done(out: Path, copies: list[Copy], result: dict) -> None:
+    if "shard" in result:
+        path = _shard_record(out, result["split"], result["shard"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(result))
+    else:
+        _finish_class(out, copies, result)
+
+
+def _finish_shards(out: Path, copies: list[Copy], wnids: list[str]) -> None:
+    """Once every shard is written: merge the shards' records of each class, then move the class into place."""
+    for split in SPLITS:
+        folder = out / WORK / "shards" / split
+        shards = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        for wnid in wnids:
+            if (out / WORK / "done" / split / f"{wnid}.json").is_file():
+                continue
+            record = _new_record(split, wnid)
+            for part in (shard["classes"][wnid] for shard in shards if wnid in shard["classes"]):
+                for key in ("kept", "repaired", "excluded"):
+                    record[key] += part[key]
+                record["resized"] += part["resized"]
+                record["linked"] += part["linked"]
+            record["kept"].sort()
+            kept = set(record["kept"])
+            for work in _work_folders(out, copies, split, wnid):
+                work.mkdir(parents=True, exist_ok=True)  # a class without images still gets its folders
+                for entry in os.scandir(work):
+                    if entry.name not in kept:  # left by a shard attempt that was cut short
+                        os.remove(entry.path)
+            _finish_class(out, copies, record)
+
+
+def _run_units(tasks: list[Task], out: Path, copies: list[Copy], args: argparse.Namespace,
                progress: Progress) -> None:
     job = dict(out=str(out), copies=copies, quality=args.quality, link=args.link)
     if args.workers <= 1:
-        for split, wnid, items in units:
-            _finish_class(out, copies, process_class(split, wnid, items, **job))
-            progress.advance(len(items))
+        for function, leading, images in tasks:
+            _task_done(out, copies, function(*leading, **job))
+            progress.advance(images)
         return
     pool = ProcessPoolExecutor(args.workers, initializer=_ignore_sigint)
     try:
-        pending = {pool.submit(process_class, s, w, i, **job): len(i) for s, w, i in units}
+        pending = {pool.submit(function, *leading, **job): images for function, leading, images in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                _finish_class(out, copies, future.result())
+                _task_done(out, copies, future.result())
                 progress.advance(pending.pop(future))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -908,8 +992,8 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
     for tree in (src, src / "train", src / "val", src / "ILSVRC"):
         if inside == tree.resolve() or (tree != src and tree.resolve() in inside.parents):
             raise PrepareError(f"--out {out} lies in the source tree {tree}; choose a folder outside it")
-    if args.link and layout == "ilsvrc":
-        log("--link: the ilsvrc layout is read from its tars, so every file is written (nothing to link)")
+    if args.link and layout in ARCHIVE_LAYOUTS:
+        log(f"--link: the {layout} layout is read from inside its files, so every file is written (nothing to link)")
     options = _options(args, layout)
     state = _check_out(out, options)
     if state == "done":
@@ -924,16 +1008,18 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
     (out / WORK).mkdir(parents=True, exist_ok=True)
     if state == "new":
         _atomic_write(out / WORK / "options.json", json.dumps(options, indent=2))
-    units = list(_units(catalog, wnids, out))
-    todo = sum(len(items) for _, _, items in units)
+    tasks = _tasks(catalog, wnids, out)
+    todo = sum(images for *_, images in tasks)
     total = sum(len(catalog.splits[s].get(w, [])) for s in SPLITS for w in wnids)
-    log(f"{layout} layout, {len(wnids)} classes, {total:,} images; "
+    log(f"{layout} layout, {len(wnids)} classes (class order: {catalog.order}), {total:,} images; "
         + (f"resuming: {todo:,} left" if state == "resume" else f"writing {out}"))
     progress = Progress(todo, enabled=args.progress)
     try:
-        _run_units(units, out, copies, args, progress)
+        _run_units(tasks, out, copies, args, progress)
     finally:
         progress.close()
+    if catalog.by_shard:
+        _finish_shards(out, copies, wnids)
 
     records = {s: [json.loads((out / WORK / "done" / s / f"{w}.json").read_text()) for w in wnids] for s in SPLITS}
     manifest = _manifest(catalog, wnids, records, copies, options, time.monotonic() - start, state)
@@ -965,6 +1051,7 @@ def _manifest(catalog: Catalog, wnids: list[str], records: dict[str, list[dict]]
         "format": FORMAT_VERSION,
         "options": options,
         "classes": len(wnids),
+        "class_order": catalog.order,
         "counts": {s: sum(len(r["kept"]) for r in records[s]) for s in SPLITS},
         "per_class": {s: {r["wnid"]: len(r["kept"]) for r in records[s]} for s in SPLITS},
         "repaired": repaired,
