@@ -190,12 +190,8 @@ def test_the_file_lists_label_every_image_as_the_folder_path_does(prepared, layo
     assert labels(prepared[layout]) == labels(prepared["folder"])
 
 
-def test_parquet_row_groups_are_each_read_once_and_files_in_src_work_too(tmp_path, sources, prepared, monkeypatch):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for shard in (sources["hf-parquet"] / "data").glob("*.parquet"):  # the shards directly in SRC, no data/
-        shutil.copy(shard, flat / shard.name)
-    reads = []
+def _counting_parquet_file(reads: list[tuple[str, int]]) -> type:
+    """pyarrow's ParquetFile, noting in ``reads`` each (file, row group) whose image bytes are read."""
 
     class Counted(pq.ParquetFile):
         def __init__(self, source, *args, **kwargs):
@@ -207,7 +203,16 @@ def test_parquet_row_groups_are_each_read_once_and_files_in_src_work_too(tmp_pat
                 reads.append((self.source, i))
             return super().read_row_group(i, columns=columns, **kwargs)
 
-    monkeypatch.setattr(pq, "ParquetFile", Counted)
+    return Counted
+
+
+def test_parquet_row_groups_are_each_read_once_and_files_in_src_work_too(tmp_path, sources, prepared, monkeypatch):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for shard in (sources["hf-parquet"] / "data").glob("*.parquet"):  # the shards directly in SRC, no data/
+        shutil.copy(shard, flat / shard.name)
+    reads: list[tuple[str, int]] = []
+    monkeypatch.setattr(pq, "ParquetFile", _counting_parquet_file(reads))
     out = tmp_path / "out"
     assert prep.main([str(flat), "--out", str(out), *SIZES, "--workers", "1", "--link", "--no-progress"]) == 0
     groups = sum(pq.ParquetFile(p).num_row_groups for p in flat.glob("*.parquet") if not p.name.startswith("test"))
@@ -242,17 +247,23 @@ def test_an_interrupted_parquet_job_resumes_by_shard(tmp_path, sources, prepared
 
 
 def test_sources_without_names_or_paths_get_index_folders_and_unique_names(tmp_path, spec):
+    """No ClassLabel metadata, no image paths (names from the shard and row) and one null image (left out)."""
     rows = [(None, data, label) for _, data, label in _samples(spec, "train", 5)]
+    rows[3] = (None, None, rows[3][2])
     write_parquet(tmp_path / "src" / "train-00000-of-00001.parquet", rows[:6], None, row_group_size=4)
     write_parquet(tmp_path / "src" / "validation-00000-of-00001.parquet", rows[6:9], None)
     out = tmp_path / "out"
     assert prep.main([str(tmp_path / "src"), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
     count = 1 + max(label for *_, label in rows[:9])
     assert _classes(out) == [[str(i), f"c{i:04d}", f"c{i:04d}"] for i in range(count)]  # names: the folders
+    excluded = {_stem(n) for n in spec.excluded}
     names = sorted(Path(line.split()[0]).name for line in (out / "train.txt").read_text().splitlines())
-    expected = sorted(f"train-00000-of-00001_{i:07d}.JPEG" for i, (_, data, _) in enumerate(rows[:6])
-                      if _stem_of(data, spec) not in {_stem(n) for n in spec.excluded})
-    assert names == expected
+    assert names == sorted(f"train-00000-of-00001_{i:07d}.JPEG" for i, (_, data, _) in enumerate(rows[:6])
+                           if data is not None and _stem_of(data, spec) not in excluded)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"file": f"train/c{rows[3][2]:04d}/train-00000-of-00001_0000003.JPEG", "reason": "empty file"} \
+        in manifest["excluded"]
+    assert "the source names no classes" in manifest["class_order"]
 
 
 def _stem_of(data: bytes, spec: MiniImageNet) -> str:
@@ -312,3 +323,77 @@ def test_bad_sources_exit_2_with_one_line_naming_the_file(tmp_path, spec, capsys
         assert prep.main([str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 2
         assert needle in capsys.readouterr().err
         assert not out.exists()
+
+
+def bench(images: int = 600, workers: int = 2, classes: int = 10, repeats: int = 3) -> None:
+    """``python -m tests.test_prepare_sources [IMAGES [WORKERS [CLASSES]]]``: prepare throughput (img/s, median of
+    ``repeats``, scan included) from a folder, Parquet shards and WebDataset shards holding the same ``images`` small
+    JPEGs (64-160 px sides) in ``classes`` classes, shuffled into shards of 200 (Parquet row groups of 100, as the
+    Hub's); "hf-parquet per class" reads the same shards with one task per class instead of one per shard."""
+    import contextlib
+    import dataclasses
+    import statistics
+    import sys
+    import tempfile
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    wnids = [f"n{n:08d}" for n in range(classes)]
+    colours = rng.integers(30, 220, size=(classes, 3))
+    rows: dict[str, list[tuple[str, bytes, int]]] = {"train": [], "val": []}
+    for i in range(images):
+        label, (h, w) = i % classes, rng.integers(64, 161, size=2)
+        pixels = np.clip(colours[label] + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        split = "val" if (i // classes) % 10 == 0 else "train"
+        rows[split].append((f"{wnids[label]}_{i}.JPEG", buf.getvalue(), label))
+    root = Path(tempfile.mkdtemp(prefix="prepare-bench-"))
+    names = [f"class {w}" for w in wnids]
+    for split, split_rows in rows.items():
+        for name, data, label in split_rows:
+            (root / "folder" / split / wnids[label]).mkdir(parents=True, exist_ok=True)
+            (root / "folder" / split / wnids[label] / name).write_bytes(data)
+        shuffled = random.Random(0).sample(split_rows, len(split_rows))
+        hub, wds = ("train", "imagenet1k-train") if split == "train" else ("validation", "imagenet1k-validation")
+        for n, start in enumerate(range(0, len(shuffled), 200)):
+            write_parquet(root / "hf" / "data" / f"{hub}-{n:05d}.parquet", shuffled[start:start + 200], names, 100)
+            write_tar(root / "wds" / f"{wds}-{n:04d}.tar", _wds_members(shuffled[start:start + 200], names))
+    real = prep.LAYOUTS["hf-parquet"]
+    per_class = {"hf-parquet": lambda src, progress: dataclasses.replace(real(src, progress), by_shard=False)}
+    runs = [("folder", "folder", {}), ("hf-parquet", "hf", {}), ("hf-parquet per class", "hf", per_class),
+            ("wds", "wds", {})]
+    print(f"$ python -m tests.test_prepare_sources {images} {workers} {classes}   ({images} images, {classes} classes, "
+          f"--workers {workers}, median of {repeats})")
+    groups = sum(pq.ParquetFile(p).num_row_groups for p in (root / "hf" / "data").glob("*.parquet"))
+    for label, folder, layouts in runs:
+        rates, reads, plain = [], [], pq.ParquetFile
+        for r in range(repeats):
+            out = root / f"out-{folder}-{r}"
+            prep.LAYOUTS.update(layouts)
+            pq.ParquetFile = _counting_parquet_file(reads) if r == 0 and workers == 1 else plain  # one counted run
+            try:
+                start = time.perf_counter()
+                with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                    code = prep.main([str(root / folder), "--out", str(out), "--workers", str(workers),
+                                      "--no-progress"])
+                rates.append(images / (time.perf_counter() - start))
+            finally:
+                prep.LAYOUTS["hf-parquet"] = real
+                pq.ParquetFile = plain
+                prep._ROW_GROUP.clear()
+            if code:
+                sys.exit(f"{label}: exit code {code}")
+            shutil.rmtree(out)
+        read = f"   {len(reads)} row-group reads of the {groups}" if reads else ""
+        print(f"{label:>22}: {statistics.median(rates):7.0f} img/s{read}", flush=True)
+    shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    import sys
+
+    bench(*map(int, sys.argv[1:4]))  # IMAGES WORKERS CLASSES

@@ -13,8 +13,8 @@ SRC is one of:
   folder  an extracted ImageFolder: train/<class>/ and val/<class>/.
   hf-parquet  the Hugging Face Hub's ILSVRC/imagenet-1k: data/train-*.parquet and data/validation-*.parquet (or
           the same files directly in SRC; test-* shards are ignored), columns image {bytes, path} and label. Read with
-          pyarrow, one row group at a time: one worker task per shard reads each row group once (the shards are
-          not in class order, so per-class reads would re-read every row group once per class).
+          pyarrow, one row group at a time: one worker task per shard reads each row group once (a class's images
+          may lie in every row group, so per-class tasks could read each row group once per class it holds).
   wds     WebDataset tar shards, as timm/imagenet-1k-wds: *train*.tar and *val*.tar (or *validation*) in SRC, each
           sample a KEY.jpg (or .jpeg, .png, .webp), KEY.cls (the label, an integer) and an optional KEY.json
           ({"label": ..., "class_name": ...}). The images are read in place from the tars, as for ilsvrc.
@@ -372,7 +372,7 @@ def _hf_label_names(metadata: dict | None) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _parquet_columns(path: Path):
+def _parquet_columns(path: Path) -> tuple:
     """The opened shard and (its image column's type) after checking the schema; PrepareError naming the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -419,7 +419,7 @@ def _scan_hf_parquet(src: Path, progress: Callable[[str], None]) -> Catalog:
             for group in range(shard.num_row_groups):
                 table = shard.read_row_group(group, columns=["label", "image.path"] if has_path else ["label"])
                 labels = table.column("label").to_pylist()
-                paths = ([v["path"] for v in table.column("image").to_pylist()] if has_path
+                paths = ([(v or {}).get("path") for v in table.column("image").to_pylist()] if has_path
                          else [None] * len(labels))
                 for row, (label, name) in enumerate(zip(labels, paths, strict=True)):
                     found[split].append((label, path, group, row, name))
@@ -468,7 +468,7 @@ def _parquet_images(path: str, group: int) -> list[bytes | None]:
         except (pa.ArrowException, OSError) as e:
             _ROW_GROUP.clear()
             raise OSError(errno.EIO, f"row group {group} of {path}: {e}") from None
-        chunks = [c.field("bytes") if struct else c for c in column.chunks]
+        chunks = [c.flatten()[c.type.get_field_index("bytes")] if struct else c for c in column.chunks]  # null: None
         _ROW_GROUP.update(group=group, images=[v for c in chunks for v in c.to_pylist()])
     return _ROW_GROUP["images"]
 

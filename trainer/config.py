@@ -130,8 +130,9 @@ def opt(default: Any, help: str, *, flag: str | None = None, type: Callable[[Any
 
 @dataclass
 class TrainConfig:
-    data: str = opt(None, "ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG) or 'demo' for the "
-                          "built-in generated dataset")
+    data: str = opt(None, "ImageNet-layout folder (train/<class>/*.JPEG, val/<class>/*.JPEG), 'demo' for the "
+                          "built-in generated dataset, or WebDataset shards: wds:DIR or wds:PATTERN with a "
+                          "{train,validation} brace")
     out: str | None = opt(None, "run directory (default: runs/<timestamp>)")
     preset: str | None = opt(None, "a named configuration (see --list-presets); flags given override it")
     budget_s: float = opt(24 * 3600.0, "wall-clock budget: 24h, 90m, 3m, 45s, 1h30m or seconds", flag="--budget",
