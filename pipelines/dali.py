@@ -7,7 +7,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import rand_augment
 from nvidia.dali.pipeline import Pipeline
 
@@ -100,15 +102,15 @@ def _read_shards(split: Split, spec: StageSpec, shuffle: bool):
 
 
 def _ascii_int(text, width: int = 8):
-    """A class index written as ASCII digits (surrounding whitespace allowed), as int32: value = value * 10 + digit
-    for each digit, whitespace leaves it as it is."""
-    padded = fn.pad(text, fill_value=ord(" "), shape=[width])
-    value = None
-    for i in range(width):
-        c = fn.cast(padded[i], dtype=types.INT32)
-        digit = fn.cast((c >= ord("0")) & (c <= ord("9")), dtype=types.INT32)
-        value = (c - ord("0")) * digit if value is None else value * (1 + 9 * digit) + (c - ord("0")) * digit
-    return value
+    """A class index written as ASCII digits, then optional whitespace, as int32, in a few vector operations (one
+    scalar operation per character cost 40% of the 32-px pipeline's rate): sum of digit_i * 10^(n - 1 - i) over
+    the n leading digits."""
+    chars = fn.cast(fn.pad(text, fill_value=ord(" "), shape=[width]), dtype=types.INT32)
+    digit = fn.cast((chars >= ord("0")) & (chars <= ord("9")), dtype=types.INT32)
+    position = types.Constant(np.arange(width, dtype=np.int32))
+    weight = fn.cast(dmath.pow(10.0, fn.cast(fn.reductions.sum(digit) - 1 - position, dtype=types.FLOAT)),
+                     dtype=types.INT32)
+    return fn.reductions.sum((chars - ord("0")) * digit * weight)
 
 
 @pipeline_def(enable_conditionals=True)  # DALI's auto_aug chooses operations with conditionals

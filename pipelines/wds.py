@@ -139,7 +139,7 @@ def _labels(tar: Path, idx: Path) -> tuple[list[int], dict[int, str]]:
 
 def _read_int(f, offset: int, size: int, tar: Path, member: str) -> int:
     f.seek(offset)
-    text = f.read(size).decode("ascii", "replace").strip()
+    text = f.read(size).decode("ascii", "replace").rstrip()  # digits first: what the pipeline parses
     if not text.isdigit():
         raise DatasetError(f"{tar}: {member} holds {text[:20]!r}, not a class index")
     return int(text)
