@@ -16,6 +16,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.config import DEMO_LAYER, _default, _flag_fields, build_parser, flag_name  # noqa: E402
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+# The rules around the flags, after the table (hand-written: they are not in any one flag's declaration)
+NOTES = """
+With `--data demo`, the model and final size default to `vit_local_tiny_patch16` and 96 px, sized for the
+demo's small images and a CPU; the recipe is the same as for any folder (below), and any flag given overrides
+either. The demo is built in `$VITBUDGET_CACHE`, else `$XDG_CACHE_HOME/vitbudget`, else `~/.cache/vitbudget`
+(`python tools/make_demo_dataset.py --out DIR` builds it elsewhere).
+
+Bad input stops before anything is written: a missing or empty data folder, a folder without class subfolders,
+a bad budget, an image size that is not a multiple of 16, a flag value of the wrong type, `--device cuda` on a
+machine without CUDA, a preset file with a key that is not a flag each print one line naming the problem and
+exit with code 2. Each flag is declared once (`TrainConfig` in `trainer/config.py`: its default, its parser,
+its choices and its help); the command line, `--help` with the defaults, and the layering (defaults → the
+demo's → a preset's → the flags given) are derived from that declaration. A file that cannot be decoded during
+training (a truncated JPEG, say: DALI has no skip option and its pipeline dies) ends the run with exit code 1
+and one line naming the file; the run directory keeps its config, metrics and a summary with `stop_reason:
+"error"`.
+"""
 
 
 def _cell(text: str) -> str:
@@ -44,7 +61,7 @@ def render() -> str:
         flag = next((o for o in action.option_strings if o.startswith("--")), None)
         if flag and flag not in fields and flag != "--help":
             lines.append(f"| `{flag}` | — | | {_cell(action.help)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + NOTES.strip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ def _loader(run: OpenedRun, split: Split, size: int, batch: int, device: Any, wo
 
 # -- vit-eval -------------------------------------------------------------------------------------------------------
 
-def eval_main(argv: list[str] | None = None) -> int:
+def eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vit-eval", description="Evaluate a run's model on a split: top-1, top-5, per-class accuracy.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--data", help="ImageNet-layout folder or wds:… shards (default: what the run trained on)")
@@ -71,7 +71,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", type=Path, help="where the results go (default: RUN_DIR/eval)")
-    args = p.parse_args(argv)
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
     from trainer import dist
 
     world = dist.world_from_env()
@@ -167,7 +171,7 @@ def _eval_table(run: OpenedRun, split: str, results: list[dict[str, Any]], out: 
 
 # -- vit-predict ----------------------------------------------------------------------------------------------------
 
-def predict_main(argv: list[str] | None = None) -> int:
+def predict_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vit-predict", description="Classify images with a run's model: class names, probabilities.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
@@ -177,7 +181,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="auto", help=f"{', '.join(WEIGHTS)} (auto: what the run evaluated)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = p.parse_args(argv)
+    return p
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    args = predict_parser().parse_args(argv)
     try:
         run, files, device = _predict_inputs(args)
     except RunError as e:
@@ -273,7 +281,7 @@ def _write_predictions(out: Path, rows: list[dict[str, Any]]) -> None:
 
 # -- vit-export -----------------------------------------------------------------------------------------------------
 
-def export_main(argv: list[str] | None = None) -> int:
+def export_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vit-export", description="Export a run's model: a timm-loadable folder and/or ONNX.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help=f"the timm folder (default: RUN_DIR/{MODEL_FOLDER})")
@@ -282,7 +290,11 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: the check's batch)")
     p.add_argument("--weights", default="auto", help=f"{', '.join(WEIGHTS)} (auto: what the run evaluated)")
     p.add_argument("--atol", type=float, default=1e-4, help="ONNX check: largest absolute logit difference allowed")
-    args = p.parse_args(argv)
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = export_parser().parse_args(argv)
     try:
         run = open_run(args.run_dir, args.weights)
         size = check_size("--image-size", args.image_size) if args.image_size is not None else run.eval_size
