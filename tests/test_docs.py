@@ -89,3 +89,31 @@ def test_every_documented_command_uses_flags_that_exist():
                 raise AssertionError(f"{page}: {line}") from None
             checked += 1
     assert checked >= 15, checked  # the docs hold 16: a test that checks nothing would pass quietly
+
+
+def test_the_readmes_train_on_your_data_commands_run(tmp_path, colour_dataset):
+    """The README's three commands (prepare, train, report) as a new user runs them, on a tiny folder: the paths
+    and the budget scaled down, the flags and programs as written."""
+    import os
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"## Train on your data.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [re.split(r"\s+#\s", line)[0].strip() for line in block.splitlines() if line.strip()]
+    assert [line.split()[:2] for line in lines] == [["python", "tools/prepare_imagenet.py"], ["vit-train", "--data"],
+                                                    ["python", "tools/report.py"]]
+    tiny = {"~/downloads": str(colour_dataset), "/data/imagenet": str(tmp_path / "prepared"),
+            "runs/in1k": str(tmp_path / "runs" / "in1k"),
+            "--budget 24h": "--budget 8s --model vit_local_test_patch16 --image-size 32 --batch-size 8"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for line in lines:
+        for a, b in tiny.items():
+            line = line.replace(a, b)
+        argv = line.split()
+        argv = [sys.executable, "-m", "trainer", *argv[1:]] if argv[0] == "vit-train" else \
+            [sys.executable, str(REPO / argv[1]), *argv[2:]]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+    assert (tmp_path / "prepared" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "in1k" / "summary.json").is_file()
+    assert "| in1k |" in done.stdout  # the report's table names the run
