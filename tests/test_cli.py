@@ -77,7 +77,7 @@ def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
     assert summary["stop_reason"] == "budget"
     assert summary["top1"] >= 0.75  # 3 classes: chance is 1/3
     assert budget - 4 <= summary["train_s"] <= budget  # training stopped near the budget, leaving the reserve
-    # the final evaluation lands in the reserve; slack for a loaded CI machine (precision figures: BENCHMARKS.md)
+    # the final evaluation lands in the reserve; slack for a loaded CI machine (precision figures: docs/benchmarks.md)
     assert summary["elapsed_s"] <= budget + 2
     assert summary["images_seen"] == summary["steps"] * 8
     config = json.loads((out / "config.json").read_text())
