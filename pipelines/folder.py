@@ -40,7 +40,7 @@ class Split:
 
     def for_stage(self, image_size: int, source_ratio: float) -> Split:
         """The smallest copy whose shorter side is at least ``source_ratio`` x ``image_size`` (else this split)."""
-        fits = [(px, folder) for px, folder in self.copies if px >= source_ratio * image_size and not self.shards]
+        fits = [(px, folder) for px, folder in self.copies if px >= source_ratio * image_size]
         if not fits:
             return self
         _, folder = min(fits)

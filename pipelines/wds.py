@@ -20,6 +20,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.folder import IMAGE_EXTENSIONS, DatasetError, Split
@@ -75,32 +77,31 @@ def _key(tar: Path) -> str:
 def index_shard(tar: Path) -> tuple[Path, list[int], dict[int, str]]:
     """(DALI's index file for ``tar``, each sample's label, the class names its .json members give)."""
     cache = _cache_dir()
-    idx, meta = cache / f"{_key(tar)}.idx", cache / f"{_key(tar)}.json"
+    key = _key(tar)
+    idx, meta = cache / f"{key}.idx", cache / f"{key}.json"
     if idx.is_file() and meta.is_file():
         saved = json.loads(meta.read_text())
         return idx, saved["labels"], {int(k): v for k, v in saved["names"].items()}
     cache.mkdir(parents=True, exist_ok=True)
     from wds2idx import IndexCreator  # DALI's own index maker
 
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".idx.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with IndexCreator(str(tar), tmp, verbose=False) as creator:
+    with _written(idx) as tmp:
+        with IndexCreator(str(tar), str(tmp), verbose=False) as creator:
             creator.create_index()
-        labels, names = _labels(tar, Path(tmp))
-        os.replace(tmp, idx)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _write_atomic(meta, json.dumps({"shard": str(tar.resolve()), "labels": labels, "names": names}))
+        labels, names = _labels(tar, tmp)
+    with _written(meta) as tmp:
+        tmp.write_text(json.dumps({"shard": str(tar.resolve()), "labels": labels, "names": names}))
     return idx, labels, names
 
 
-def _write_atomic(path: Path, text: str) -> None:
+@contextmanager
+def _written(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, renamed onto ``path`` when the block ends (removed if it fails):
+    readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -111,6 +112,7 @@ def _labels(tar: Path, idx: Path) -> tuple[list[int], dict[int, str]]:
     """Each sample's label, read at the offsets the index gives; a sample without an image or a label, or with a
     member that is neither, is refused naming the shard and the member."""
     images = {e.lower() for e in IMAGE_EXT.split(";")}
+    known = images | {LABEL_EXT, META_EXT}
     labels: list[int] = []
     names: dict[int, str] = {}
     with open(tar, "rb") as f:
@@ -118,7 +120,7 @@ def _labels(tar: Path, idx: Path) -> tuple[list[int], dict[int, str]]:
             parts = line.split()
             comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)}
             member = next(iter(comps.values()))[2]
-            unknown = [c[2] for e, c in comps.items() if e.lower() not in images | {LABEL_EXT, META_EXT}]
+            unknown = [c[2] for e, c in comps.items() if e.lower() not in known]
             if unknown:
                 raise DatasetError(f"{tar}: member {unknown[0]} is neither an image nor a label (.cls, .json)")
             if not any(e.lower() in images for e in comps) or LABEL_EXT not in comps:
@@ -189,22 +191,15 @@ def write_shards(split: Split, out: Path, name: str, per_shard: int = 1000) -> l
     written = []
     for n, start in enumerate(range(0, len(split), per_shard)):
         path = out / f"{name}-{n:04d}.tar"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with tarfile.open(tmp, "w") as tar:
-                for i in range(start, min(start + per_shard, len(split))):
-                    file, label = split.files[i], split.labels[i]
-                    members = {Path(file).suffix.lower().lstrip("."): Path(file).read_bytes(),
-                               LABEL_EXT: str(label).encode(),
-                               META_EXT: json.dumps({"class_name": split.classes[label]}).encode()}
-                    for ext, data in members.items():
-                        info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _written(path) as tmp, tarfile.open(tmp, "w") as tar:
+            for i in range(start, min(start + per_shard, len(split))):
+                file, label = split.files[i], split.labels[i]
+                members = {Path(file).suffix.lower().lstrip("."): Path(file).read_bytes(),
+                           LABEL_EXT: str(label).encode(),
+                           META_EXT: json.dumps({"class_name": split.classes[label]}).encode()}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
         written.append(path)
     return written

@@ -15,15 +15,10 @@ from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, Split, open_dataset
 from pipelines.folder import IMAGE_EXTENSIONS
+from trainer.config import OneLineParser
+from trainer.loop import EVAL_BATCH
 from trainer.rundir import write_bytes_atomic, write_json_atomic
 from trainer.use import MODEL_FOLDER, WEIGHTS, OpenedRun, RunError, check_size, open_run, write_model_folder
-
-EVAL_BATCH = 128
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _fail(prog: str, message: str, code: int = 2) -> int:
@@ -62,7 +57,8 @@ def _loader(run: OpenedRun, split: Split, size: int, batch: int, device: Any, wo
 # -- vit-eval -------------------------------------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vit-eval", description="Evaluate a run's model on a split: top-1, top-5, per-class accuracy.")
+    p = OneLineParser(prog="vit-eval",
+                      description="Evaluate a run's model on a split: top-1, top-5, per-class accuracy.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--data", help="ImageNet-layout folder or wds:… shards (default: what the run trained on)")
     p.add_argument("--split", default="val", choices=("val", "train"))
@@ -172,7 +168,7 @@ def _eval_table(run: OpenedRun, split: str, results: list[dict[str, Any]], out: 
 # -- vit-predict ----------------------------------------------------------------------------------------------------
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vit-predict", description="Classify images with a run's model: class names, probabilities.")
+    p = OneLineParser(prog="vit-predict", description="Classify images with a run's model: class names, probabilities.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--top-k", type=int, default=5)
@@ -282,7 +278,7 @@ def _write_predictions(out: Path, rows: list[dict[str, Any]]) -> None:
 # -- vit-export -----------------------------------------------------------------------------------------------------
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vit-export", description="Export a run's model: a timm-loadable folder and/or ONNX.")
+    p = OneLineParser(prog="vit-export", description="Export a run's model: a timm-loadable folder and/or ONNX.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help=f"the timm folder (default: RUN_DIR/{MODEL_FOLDER})")
     p.add_argument("--onnx", type=Path, help="also write an ONNX file, checked by ONNX Runtime against PyTorch")

@@ -288,14 +288,16 @@ def _convert(f: Field, value: Any, source: str) -> Any:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2: no usage block for a single wrong flag
-        self.exit(2, f"vit-train: error: {message}\n")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one line and exit 2 for a bad flag (no usage block), as every other input error here."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, derived from the fields of TrainConfig (and four flags that are not fields)."""
-    p = _Parser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
+    p = OneLineParser(prog="vit-train", description="Train a locality ViT within a wall-clock budget.",
                 argument_default=argparse.SUPPRESS)
     for f in _flag_fields():
         meta, default = f.metadata, _default(f)
