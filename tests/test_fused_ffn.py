@@ -28,36 +28,6 @@ if not torch.cuda.is_available() and not ff.interpreting():
                 allow_module_level=True)
 
 
-def _interpreter_takes_runtime_loop_bounds() -> bool:
-    """Can this Triton's interpreter loop over a kernel's integer argument (the kernels' ``range(prefix)``)? Triton
-    3.5's hands the argument over as a 1-element array, which NumPy 2.4 no longer turns into an int; Triton 3.8's
-    runs it. A property of the CPU interpreter only: compiled for a GPU, the same kernels take plain integers."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def count(out_ptr, n):
-        for i in range(n):
-            tl.store(out_ptr + i, i)
-
-    try:
-        count[(1,)](torch.zeros(3, dtype=torch.int32), 3)
-    except Exception as e:  # noqa: BLE001 - the interpreter wraps what NumPy raised in its own error
-        if "0-dimensional arrays" in repr(e):
-            return False
-        raise
-    return True
-
-
-if not torch.cuda.is_available() and not _interpreter_takes_runtime_loop_bounds():
-    import numpy
-    import triton
-
-    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__} "
-                "(a loop bound arrives as an array); Triton >= 3.8 can, and on a GPU this Triton runs them",
-                allow_module_level=True)
-
-
 @pytest.fixture(autouse=True)
 def exact_fp32_reference() -> Iterator[None]:
     """On a GPU, the reference's cuDNN conv and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default).
