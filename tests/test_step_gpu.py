@@ -159,7 +159,7 @@ def test_batch_augmentation_is_drawn_afresh_for_each_replay():
         losses.append(step(images.clone(), labels, lr=0.0).item())  # the same input batch, weights kept
         fed_images, fed_targets = step.augment.outputs[-1]
         assert fed_targets.shape == (BATCH, NUM_CLASSES)  # soft targets: mixing is on
-        static_images, static_targets = step._static  # what the replay read is what augmentation just drew
+        static_images, static_targets = step._runner.static  # what the replay read is what augmentation just drew
         assert torch.equal(static_images, fed_images) and torch.equal(static_targets, fed_targets)
     (images_1, targets_1), (images_2, targets_2) = step.augment.outputs[-2:]
     assert not (torch.equal(images_1, images_2) and torch.equal(targets_1, targets_2))

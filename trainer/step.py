@@ -7,6 +7,7 @@ The trainer, ``--profile``, ``tools/bench.py`` and ``tools/gpu_check.py`` all ti
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,8 +95,8 @@ def weight_decay_groups(net: nn.Module, weight_decay: float) -> list[dict[str, A
 def make_optimizer(net: nn.Module, weight_decay: float, lr: float, device: torch.device,
                    graph: bool) -> torch.optim.AdamW:
     """AdamW, fused on CUDA; for a captured step also capturable (TrainStep then makes its lr a device tensor)."""
-    return torch.optim.AdamW(weight_decay_groups(net, weight_decay), lr=lr, fused=device.type == "cuda",
-                             capturable=graph)
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(weight_decay_groups(net, weight_decay), lr=lr, fused=cuda, capturable=graph and cuda)
 
 
 def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -129,49 +130,147 @@ class StepTimes:
     capture_s: float = 0.0
 
 
+def fallback_mode(device: torch.device) -> tuple[str, str]:
+    """What a step that cannot be captured runs as, and why: compiled where Inductor has its GPU backend (Triton),
+    which recovers most of what the capture saved (the step's small ops fused); eager otherwise."""
+    from model import fused_ffn
+
+    if device.type == "cuda" and fused_ffn.available():
+        return "compile", "Inductor fuses the step's small kernels, most of what the capture saved"
+    return "eager", "no Triton here for torch.compile's GPU backend"
+
+
+class GraphRunner:
+    """The captured step: ``GRAPH_WARMUP_STEPS`` eager steps on a side stream (cuDNN autotuning, the optimizer's
+    state and the allocator's pools settle first), then the step captured in one ``torch.cuda.CUDAGraph`` on static
+    copies of a batch, then replays with each batch copied into those copies.
+
+    The optimizer's lr becomes one device tensor shared by every group (capturable AdamW reads it on the device),
+    which the host sets before each replay. ``TrainStep.graph_runner`` is the seam tests replace to inject a
+    capture failure on the CPU."""
+
+    def __init__(self, step: TrainStep) -> None:
+        if step.device.type != "cuda" or step.amp == torch.float16:
+            raise ValueError("a captured step needs CUDA and bf16 or fp32 (see resolve_step_mode)")
+        if step.ddp:
+            raise ValueError("a captured step does not run under DDP yet (see resolve_step_mode)")
+        self.step = step
+        lr = step.optimizer.param_groups[0]["lr"]
+        step._lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=step.device)
+        for group in step.optimizer.param_groups:
+            group["lr"] = step._lr
+        self.side = torch.cuda.Stream(step.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static_loss: torch.Tensor | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            return self.replay(images, targets)
+        if self.step.times.steps < GRAPH_WARMUP_STEPS:
+            return self.warmup(images, targets)
+        return self.capture(images, targets)
+
+    def replay(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert self.graph is not None and self.static is not None and self.static_loss is not None
+        for static, given in zip(self.static, (images, targets), strict=True):
+            if static.shape != given.shape:  # copy_ would broadcast a smaller batch silently
+                raise ValueError(f"captured for a batch of shape {tuple(static.shape)}, given "
+                                 f"{tuple(given.shape)}: call prepare() when the batch changes")
+            static.copy_(given)
+        self.graph.replay()
+        return self.static_loss.clone()  # the next replay overwrites the static loss
+
+    def warmup(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """An eager step on a side stream, as capture requires (its allocations then come from that stream)."""
+        device = self.step.device
+        self.step.optimizer.zero_grad(set_to_none=True)
+        self.side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side):
+            loss = self.step._step(images, targets)
+        torch.cuda.current_stream(device).wait_stream(self.side)
+        return loss
+
+    def capture(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Capture the step on static copies of this batch, then replay it once: this batch is trained on."""
+        start = time.perf_counter()
+        self.static = (torch.empty_like(images), torch.empty_like(targets))  # same strides: channels-last stays
+        self.static[0].copy_(images)
+        self.static[1].copy_(targets)
+        self.step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's own pool
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: DALI's worker threads keep decoding (and allocating) on the GPU while this thread captures;
+        # "global" would fail their CUDA calls for the duration of the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.static_loss = self.step._step(*self.static)
+        self.graph = graph
+        graph.replay()
+        loss = self.static_loss.clone()
+        torch.cuda.synchronize(self.step.device)  # once per stage: the capture's cost is then measured, not guessed
+        self.step.times.capture_s = time.perf_counter() - start
+        return loss
+
+    def reset(self) -> None:
+        """Free the graph and its memory pool (the gradients live there: set to None)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.static = self.static_loss = None
+        self.step.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+Fallback = Callable[[str, str, BaseException, str], None]  # (failed mode, new mode, error, why the new mode)
+
+
 class TrainStep:
     """Forward, loss, backward, the optimizer step, the EMA update and the non-finite flag, for one stage's shape.
 
     ``mode``: "eager"; "compile" (``torch.compile`` of the model, static shapes, one graph per stage); "graph" (the
-    whole step captured in one ``torch.cuda.CUDAGraph`` after ``GRAPH_WARMUP_STEPS`` eager steps, replayed with the
-    batch copied into static buffers; ``prepare`` at a stage change frees it and the next steps recapture).
+    whole step captured in one CUDA graph after ``GRAPH_WARMUP_STEPS`` eager steps, see ``GraphRunner``;
+    ``prepare`` at a stage change frees it and the next steps recapture).
+
+    ``on_fallback`` (None: errors propagate, as the benchmarks want): a failure while warming up, capturing or
+    replaying the graph, or in a compiled step's first call at a stage (where it compiles), is handed to it, then
+    the step runs on as ``fallback_mode`` (graph) or eager (compile), the same batch trained on at once: no step is
+    lost or counted twice, and the optimizer state carries over. ``on_fallback`` may raise to forbid the fallback.
 
     Batch augmentation (erasing, mixup/cutmix) draws its random numbers on the host, so it runs before the graph,
     outside it: every step gets fresh draws. Drop-path draws on the device from PyTorch's graph-safe generator,
     whose offset advances at each replay.
     """
 
+    graph_runner: type[GraphRunner] = GraphRunner
+
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, augment: BatchAugment, *,
                  device: torch.device, amp: torch.dtype | None, mode: str = "eager",
-                 ema: ModelEmaV3 | None = None, ddp: bool = False) -> None:
-        if mode == "graph" and (device.type != "cuda" or amp == torch.float16):
-            raise ValueError("a captured step needs CUDA and bf16 or fp32 (see resolve_step_mode)")
+                 ema: ModelEmaV3 | None = None, ddp: bool = False, on_fallback: Fallback | None = None) -> None:
         if mode not in ("eager", "graph", "compile"):
             raise ValueError(f"unknown step mode {mode!r}")
-        if mode == "graph" and ddp:
-            raise ValueError("a captured step does not run under DDP yet (see resolve_step_mode)")
         self.net, self.optimizer, self.augment, self.ema = net, optimizer, augment, ema
         self.device, self.amp, self.mode, self.ddp = device, amp, mode, ddp
+        self.on_fallback = on_fallback
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         # Non-finite losses are flagged on the device (no sync) and read at log intervals and checkpoints.
         # With fp16 the grad scaler skips such steps itself.
         self.nonfinite = None if self.scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=device)
+        self.steps = 0  # the run's step count (the EMA's first updates copy); the trainer sets it on resume
+        self.times = StepTimes()
+        self._lr: torch.Tensor | None = None  # a captured step's lr, on the device (set by GraphRunner)
+        self._runner: GraphRunner | None = None
+        self._use(mode)
+
+    def _use(self, mode: str) -> None:
+        """Run the step as ``mode`` from now on (at construction, and at a fallback)."""
         if mode == "compile":
             # Static shapes, one graph per stage: a stage change recompiles once, steps never do.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        self.mode = mode
         self.forward = self._wrap()
-        self._lr: torch.Tensor | None = None
-        if mode == "graph":  # one device tensor shared by every group, set by the host before each replay
-            lr = optimizer.param_groups[0]["lr"]
-            self._lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
-            for group in optimizer.param_groups:
-                group["lr"] = self._lr
-            self._side = torch.cuda.Stream(device)
-        self.steps = 0  # the run's step count (the EMA's first updates copy); the trainer sets it on resume
-        self.times = StepTimes()
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._static_loss: torch.Tensor | None = None
+        self._runner = self.graph_runner(self) if mode == "graph" else None
 
     def _wrap(self) -> nn.Module:
         """What the step calls: the model, under DDP when data-parallel (then compiled: wrap, then compile)."""
@@ -187,17 +286,18 @@ class TrainStep:
 
     @classmethod
     def for_config(cls, cfg: TrainConfig, num_classes: int, device: torch.device, image_size: int,
-                   mode: str | None = None, ddp: bool = False) -> TrainStep:
+                   mode: str | None = None, ddp: bool = False, fused_ffn: bool | None = None) -> TrainStep:
         """The model, optimizer, augmentation and EMA that ``cfg`` asks for, on ``device`` (what the trainer
-        builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``.
-        ``ddp``: data-parallel under a process group (torchrun)."""
+        builds; the profiler and the benchmarks build the same). ``mode``: already resolved, else from ``cfg``;
+        ``fused_ffn``: likewise. ``ddp``: data-parallel under a process group (torchrun)."""
         configure_backends(device)
         amp = resolve_amp(cfg.amp, device)
         if mode is None:
             mode, _ = resolve_step_mode(cfg.step, device, amp, distributed=ddp)
+        if fused_ffn is None:
+            fused_ffn = resolve_fused_ffn(cfg.fused_ffn, device, cfg.model, cfg.act)
         net = build_model(cfg.model, num_classes=num_classes, image_size=image_size, act=cfg.act,
-                          drop_path=cfg.drop_path, fused_ffn=resolve_fused_ffn(cfg.fused_ffn, device, cfg.model,
-                                                                               cfg.act))
+                          drop_path=cfg.drop_path, fused_ffn=fused_ffn)
         net = net.to(device, memory_format=torch.channels_last).train()
         optimizer = make_optimizer(net, cfg.weight_decay, cfg.peak_lr, device, graph=mode == "graph")
         ema = ModelEmaV3(net, decay=cfg.ema) if cfg.ema else None
@@ -206,7 +306,7 @@ class TrainStep:
 
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return self._runner is not None and self._runner.captured
 
     @property
     def settle_steps(self) -> int:
@@ -217,20 +317,16 @@ class TrainStep:
     def settling(self) -> bool:
         """True until the step reaches its steady form at this stage: the warm-up steps and the capture in graph
         mode, the first (compiling or autotuning) step otherwise."""
-        if self.mode == "graph":
-            return self._graph is None
+        if self._runner is not None:
+            return not self._runner.captured
         return self.times.steps == 0
 
     def prepare(self) -> None:
         """A stage change (new image size or batch, a new position-embedding Parameter): drop the captured graph
         and its memory pool; the next steps warm up and capture again. Eager and compiled steps need nothing."""
         self.times = StepTimes()
-        if self._graph is None:
-            return
-        self._graph.reset()
-        self._graph = self._static = self._static_loss = None
-        self.optimizer.zero_grad(set_to_none=True)  # the old gradients live in the old graph's pool
-        torch.cuda.empty_cache()
+        if self._runner is not None and self._runner.captured:
+            self._runner.reset()
 
     def move_to(self, image_size: int) -> None:
         """A stage change to ``image_size``: the captured graph is dropped first (it points at the old position
@@ -254,24 +350,35 @@ class TrainStep:
         if lr is not None:
             self.set_lr(lr)
         images, targets = self.augment(images, labels)  # host-side draws: outside any graph
-        if self.mode != "graph":
-            loss = self._step(images, targets)
-        elif self._graph is not None:
-            assert self._static is not None and self._static_loss is not None
-            for static, given in zip(self._static, (images, targets), strict=True):
-                if static.shape != given.shape:  # copy_ would broadcast a smaller batch silently
-                    raise ValueError(f"captured for a batch of shape {tuple(static.shape)}, given "
-                                     f"{tuple(given.shape)}: call prepare() when the batch changes")
-                static.copy_(given)
-            self._graph.replay()
-            loss = self._static_loss.clone()  # the next replay overwrites the static loss
-        elif self.times.steps < GRAPH_WARMUP_STEPS:
-            loss = self._warmup(images, targets)
-        else:
-            loss = self._capture(images, targets)
+        while True:
+            try:
+                loss = self._runner(images, targets) if self._runner is not None else self._step(images, targets)
+                break
+            except Exception as error:  # noqa: BLE001 - whatever the fast path raised is reported, then passed by
+                if not self._may_fall_back():
+                    raise
+                self._fall_back(error)  # then this same batch, the next mode
         self.steps += 1
         self.times.steps += 1
         return loss
+
+    def _may_fall_back(self) -> bool:
+        """A captured step at any point; a compiled one at its first call at a stage (where it compiles)."""
+        return self.on_fallback is not None and (self.mode == "graph" or (self.mode == "compile" and self.settling))
+
+    def _fall_back(self, error: BaseException) -> None:
+        failed = self.mode
+        to, why = fallback_mode(self.device) if failed == "graph" else ("eager", "")
+        assert self.on_fallback is not None
+        self.on_fallback(failed, to, error, why)  # raises where the fallback is forbidden
+        if self._runner is not None:
+            try:
+                self._runner.reset()
+            except Exception:  # noqa: BLE001, S110 - a graph that failed to capture may not free cleanly
+                pass
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times = StepTimes()  # the new mode settles (compiles) at its first step
+        self._use(to)
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The step itself: what a graph captures, and what eager and compiled modes run as is. Host-side values
@@ -290,34 +397,6 @@ class TrainStep:
         if self.nonfinite is not None:
             self.nonfinite |= ~torch.isfinite(loss.detach())
         return loss.detach()
-
-    def _warmup(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """An eager step on a side stream, as capture requires (its allocations then come from that stream)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            loss = self._step(images, targets)
-        torch.cuda.current_stream(self.device).wait_stream(self._side)
-        return loss
-
-    def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Capture the step on static copies of this batch, then replay it once: this batch is trained on."""
-        start = time.perf_counter()
-        self._static = (torch.empty_like(images), torch.empty_like(targets))  # same strides: channels-last stays
-        self._static[0].copy_(images)
-        self._static[1].copy_(targets)
-        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's own pool
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: DALI's worker threads keep decoding (and allocating) on the GPU while this thread captures;
-        # "global" would fail their CUDA calls for the duration of the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._static_loss = self._step(*self._static)
-        self._graph = graph
-        graph.replay()
-        loss = self._static_loss.clone()
-        torch.cuda.synchronize(self.device)  # once per stage: the capture's cost is then measured, not guessed
-        self.times.capture_s = time.perf_counter() - start
-        return loss
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
