@@ -56,10 +56,12 @@ class StageSpec:
             raise ValueError(f"handoff must be 'host' or 'stream', not {self.handoff!r}")
 
     @classmethod
-    def on(cls, device, **fields) -> StageSpec:
-        """A spec for a ``torch.device``: on CUDA, GPU decode ("mixed") on that card with float16 output; else CPU."""
-        gpu = device.type == "cuda"
-        return cls(device="gpu" if gpu else "cpu", device_id=(device.index or 0) if gpu else None, half=gpu,
+    def on(cls, device, decoder: str = "auto", **fields) -> StageSpec:
+        """A spec for a ``torch.device``: on CUDA, GPU decode ("mixed") on that card with float16 output, unless
+        ``decoder`` is "cpu" (the CPU decodes, float16 batches are copied to the card); else CPU."""
+        cuda = device.type == "cuda"
+        gpu = cuda and decoder != "cpu"
+        return cls(device="gpu" if gpu else "cpu", device_id=(device.index or 0) if gpu else None, half=cuda,
                    **fields)
 
     @property

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from nvidia.dali import backend as dali_backend
@@ -65,10 +66,16 @@ class StageLoader:
     evaluation iterates every sample exactly once.
     """
 
-    def __init__(self, split: Split, spec: StageSpec, *, train: bool, device: torch.device) -> None:
+    def __init__(self, split: Split, spec: StageSpec, *, train: bool, device: torch.device,
+                 on_fallback: Callable[[str, str, BaseException], None] | None = None) -> None:
         self.split, self.train, self.device = split, train, device
         self.spec = spec
         self.source = split  # what the current pipeline reads: the split, or its pre-resized copy for this stage
+        # A GPU spec whose pipeline fails to build or to make its first batch (nvJPEG, an allocation): with
+        # ``on_fallback`` (called with "mixed", "cpu" and the error; it may raise to forbid it) the stage decodes
+        # on the CPU instead, its batches copied to ``device``; without it the error propagates.
+        self.on_fallback = on_fallback
+        self._cpu_for: StageSpec | None = None  # the GPU spec that fell back: its rebuilds go to the CPU at once
         self._iterator: DALIGenericIterator | None = None
 
     def set_stage(self, spec: StageSpec) -> None:
@@ -83,17 +90,22 @@ class StageLoader:
         """The shorter-side size of the pre-resized copy being read, or None when reading the split itself."""
         return next((px for px, folder in self.split.copies if folder == self.source.root), None)
 
+    @property
+    def decoder(self) -> str:
+        """What decodes this stage's images: "mixed" (DALI's GPU decoder) or "cpu"."""
+        return "mixed" if self.spec.device == "gpu" and self._cpu_for != self.spec else "cpu"
+
     def __len__(self) -> int:
         per_shard = -(-len(self.split) // self.spec.num_shards)
         if self.train:
             return per_shard // self.spec.batch_size
         return -(-per_shard // self.spec.batch_size)
 
-    def _build(self) -> DALIGenericIterator:
+    def _build(self, spec: StageSpec) -> DALIGenericIterator:
         builder = build_train_pipeline if self.train else build_val_pipeline
-        self.source = self.split.for_stage(self.spec.image_size, self.spec.source_ratio)
-        pipe = builder(self.source, self.spec)
-        if self.spec.device == "gpu" and self.spec.handoff == "stream":
+        self.source = self.split.for_stage(spec.image_size, spec.source_ratio)
+        pipe = builder(self.source, spec)
+        if spec.device == "gpu" and spec.handoff == "stream":
             _hand_outputs_to_torch_stream(pipe, self.device)
         if not self.train:
             policy = LastBatchPolicy.PARTIAL
@@ -108,8 +120,24 @@ class StageLoader:
                                    last_batch_policy=policy)
 
     def _start(self) -> None:
+        """Build the pipeline and its iterator, which prefetches: errors of the build and of the first batches
+        surface here. A GPU spec that fails here falls back to the CPU decoder for the stage (see ``on_fallback``),
+        unless the failure is a file that no decoder reads (then the CPU would fail on it too)."""
+        if self.spec.device == "gpu" and self._cpu_for != self.spec:
+            try:
+                with self._decode_errors():
+                    self._iterator = self._build(self.spec)
+                return
+            except Exception as error:  # noqa: BLE001 - what the GPU decoder raised is reported, then passed by
+                if self.on_fallback is None or (isinstance(error, ImageDecodeError) and error.path):
+                    raise
+                self._iterator = None
+                self.close(force=True)  # whatever the failed build holds, freed before the CPU pipeline is built
+                self.on_fallback("mixed", "cpu", error)
+                self._cpu_for = self.spec
+        spec = self.spec if self.spec.device == "cpu" else replace(self.spec, device="cpu", device_id=None)
         with self._decode_errors():
-            self._iterator = self._build()  # builds and prefetches: decode errors can surface here
+            self._iterator = self._build(spec)
 
     @contextmanager
     def _decode_errors(self) -> Iterator[None]:
@@ -149,13 +177,13 @@ class StageLoader:
             return ImageDecodeError(found[0], found[1], message)
         return ImageDecodeError(None, _dali_reason(message), message)
 
-    def close(self) -> None:
+    def close(self, force: bool = False) -> None:
         """Drop the iterator and pipeline and hand DALI's pooled memory back (pools outlive pipelines).
 
         Then return freed heap pages to the OS: without ``malloc_trim``, glibc keeps the old pipeline's
         per-thread arenas and host RSS grows by ~10-20 MB per rebuild although nothing leaks.
         """
-        if self._iterator is not None:
+        if self._iterator is not None or force:
             self._iterator = None
             gc.collect()
             dali_backend.ReleaseUnusedMemory()

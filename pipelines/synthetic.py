@@ -12,7 +12,8 @@ from pipelines.dali import StageSpec
 class SyntheticLoader:
     """Yields one fixed random batch, already on the device in the pipeline's layout (NHWC memory, NCHW view)."""
 
-    def __init__(self, num_classes: int, spec: StageSpec, *, steps_per_epoch: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, spec: StageSpec, *, steps_per_epoch: int, device: torch.device,
+                 on_fallback: object = None) -> None:  # nothing is decoded: nothing falls back
         self.num_classes, self.steps, self.device = num_classes, steps_per_epoch, device
         self.spec = spec
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
