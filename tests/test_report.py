@@ -72,10 +72,30 @@ def test_the_table_has_each_runs_numbers_and_state_best_first(runs):
     order = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert order == ["finished", "resumed", "running", "diverged"]  # 61%, 52%, then the last evaluations: 35%, 10%
     finished = _row(table, "finished")
-    assert finished[6:] == ["61.0%", "90.0%", "1.50", "3,000", "100", "finished"]
+    assert finished[7:] == ["61.0%", "90.0%", "1.50", "3,000", "100", "finished"]
     assert finished[1:6] == ["vit_local_tiny_patch16", "paper-ours", "64", "2m", "cpu"]
-    assert _row(table, "running")[6] == "35.0%" and _row(table, "running")[-1] == "running"
-    assert _row(table, "diverged")[6] == "10.0%" and _row(table, "diverged")[-1] == "diverged"
+    assert _row(table, "running")[7] == "35.0%" and _row(table, "running")[-1] == "running"
+    assert _row(table, "diverged")[7] == "10.0%" and _row(table, "diverged")[-1] == "diverged"
+
+
+def test_the_table_says_what_ran_at_each_stage_and_what_fell_back(tmp_path):
+    ran = [{"stage": 0, "step_mode": "graph", "fused_ffn": True, "decoder": "mixed"},
+           {"stage": 1, "step_mode": "compile", "fused_ffn": False, "decoder": "mixed"}]
+    fell = [{"event": "fallback", "path": "step", "failed": "graph", "to": "compile", "stage": 1},
+            {"event": "fallback", "path": "ffn", "failed": True, "to": False, "stage": 1}]
+    done = make_run(tmp_path, "done", timeline([0.5], stage_at=5.0) + fell,
+                    {"top1": 0.5, "stop_reason": "budget", "stages": ran})
+    assert _row(report.run_table([report.load_run(done)]), "done")[6] == \
+        "graph→compile · fused→ops · mixed (2 fallbacks)"
+    # still running: the stage entries as logged, with the fallbacks since applied
+    entries = [{"event": "stage", "stage": k, "image_size": 32 * (k + 1), "elapsed_s": float(k), **r}
+               for k, r in enumerate(ran)]
+    entries[1].update(step_mode="graph", fused_ffn=True)  # what stage 1 began with
+    going = make_run(tmp_path, "going", [{"event": "start", "device": "cuda:0"}, *entries, fell[0]])
+    assert _row(report.run_table([report.load_run(going)]), "going")[6] == \
+        "graph→compile · fused · mixed (1 fallback)"
+    # a run from before the fast paths were recorded: nothing to say
+    assert _row(report.run_table([report.load_run(make_run(tmp_path, "old", timeline([0.5])))]), "old")[6] == "-"
 
 
 def test_a_resumed_run_is_one_line_without_what_its_lost_attempt_did(runs):

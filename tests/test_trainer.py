@@ -48,7 +48,7 @@ class TickingStep:
         return self._step(images, labels, lr=lr)
 
 
-def _synthetic(split, spec, *, train: bool, device):
+def _synthetic(split, spec, *, train: bool, device, on_fallback=None):
     return SyntheticLoader(len(split.classes), spec, steps_per_epoch=STEPS_PER_EPOCH if train else VAL_BATCHES,
                            device=device)
 

@@ -357,7 +357,7 @@ def _synthetic_loop(args: argparse.Namespace, log_every: float):
     fake = Split(root=Path("synthetic"), files=("x",) * (steps_per_epoch * args.batch_size),
                  labels=(0,) * (steps_per_epoch * args.batch_size), classes=tuple(str(i) for i in range(1000)))
 
-    def synthetic(split, spec, *, train: bool, device: torch.device) -> SyntheticLoader:
+    def synthetic(split, spec, *, train: bool, device: torch.device, on_fallback=None) -> SyntheticLoader:
         return SyntheticLoader(len(split.classes), spec, steps_per_epoch=steps_per_epoch if train else 1,
                                device=device)
 

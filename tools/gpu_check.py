@@ -16,6 +16,9 @@ the locality ViT-S (--model), bf16, a 1000-class head and batch 64 (--batch-size
                    to size as the trainer moves its step; DeiT-S's captured step; the full loop (StageLoader batches
                    into the captured step): img/s, the share of its time blocked in the loader's next(), loop / step
                    alone, and the same loop with --data-handoff stream; PyTorch's peak GPU memory
+  fast paths       vit-train --check-gpu as a user runs it (another process, first): which of the captured step,
+                   the fused FFN and the GPU decoder work on this card, and each next to its fallback; its table is
+                   printed before the timings' table
   tokens rows      --stage-batch tokens batches at 32 and 64 px, reading the pre-resized copies that
                    tools/prepare_imagenet.py --max-size 64,128,full makes of the data (once, into DIR/demo-prepared):
                    pipeline alone, captured step alone, full loop, data wait
@@ -348,6 +351,27 @@ def trainer_run(check: Check, data: Path, mode: str, name: str | None = None,
     return result
 
 
+def fast_path_check(check: Check, data: Path) -> dict[str, Any]:
+    """``vit-train --check-gpu`` as a user runs it (a subprocess): which fast paths work on this card, its table."""
+    a = check.args
+    cmd = [sys.executable, "-m", "trainer", "--check-gpu", "--data", str(data), "--preset", a.preset, "--model",
+           a.model, "--batch-size", str(a.batch_size), "--device", a.device, "--workers", str(a.workers)]
+    print("$", " ".join(cmd), flush=True)
+    timeout = max(1, min(180, int(check.left())))
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        check.failed.append(f"vit-train --check-gpu: killed after {timeout}s")
+        return {"status": "timeout", "table": ""}
+    (a.out / "check_gpu.log").write_text(proc.stdout + proc.stderr)
+    lines = proc.stdout.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("size ")), len(lines))
+    if proc.returncode != 0:
+        check.failed.append(f"vit-train --check-gpu: exit code {proc.returncode}")
+    return {"status": "passed" if proc.returncode == 0 else "failed", "exit_code": proc.returncode,
+            "table": "\n".join(lines[start:])}
+
+
 def gpu_tests(check: Check) -> dict[str, Any]:
     missing = [f for f in TEST_FILES if not (REPO / f).is_file()]
     if missing:
@@ -622,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     check.say("environment", env)
     # First, while no pipeline thread runs yet: the preparation forks its worker processes.
     copies = check.part("prepare copies", lambda: prepared_copies(check, data))
+    # what a user's `vit-train --check-gpu` says of this card (another process: before this one holds the GPU)
+    report["fast_paths"] = check.part("fast paths", lambda: fast_path_check(check, data))
+    check.save()
     if not isinstance(copies, Path):
         report["tokens"].append({"size": TOKENS_SIZES[0], **copies})
         copies = None
@@ -653,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.monotonic() - started, 1)
     check.save()
     print()
+    if report.get("fast_paths", {}).get("table"):
+        print("vit-train --check-gpu:")
+        print(report["fast_paths"]["table"])
+        print()
     print(table(report))
     return 1 if check.failed else 0
 

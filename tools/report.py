@@ -41,6 +41,7 @@ class Run:
     stages: list[dict[str, Any]] = field(default_factory=list)
     device: str | None = None
     attempts: int = 1
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # fast paths that fell back (fallback events)
 
     @property
     def name(self) -> str:
@@ -134,6 +135,8 @@ def load_run(path: Path) -> Run:
             run.trains.append(e)
         elif kind == "stage" and not (run.stages and run.stages[-1].get("stage") == e.get("stage")):
             run.stages.append(e)  # (a resume re-enters the stage it was in: not a change)
+        elif kind == "fallback":
+            run.fallbacks.append(e)
         elif kind in ENDINGS:
             run.status = kind
     if summary is not None:
@@ -160,18 +163,46 @@ def _budget(run: Run) -> str:
     return format_duration(seconds)
 
 
+FAST_PATHS = (("step_mode", "step", {}), ("fused_ffn", "ffn", {True: "fused", False: "ops"}),
+              ("decoder", "decoder", {}))
+
+
+def fast_paths(run: Run) -> str:
+    """What ran, stage by stage: the step mode, the FFN (fused kernel or PyTorch's ops) and the decoder, each as
+    its values in stage order ("graph→eager" where it changed), then how many fallbacks there were."""
+    stages = (run.summary or {}).get("stages")
+    if not stages:  # still running, or ended early: the stage entries, with the fallbacks since applied
+        stages = [dict(s) for s in run.stages]
+        for e in run.fallbacks:
+            key = {"step": "step_mode", "ffn": "fused_ffn", "decoder": "decoder"}[e["path"]]
+            for s in stages:
+                if s.get("stage") == e.get("stage"):
+                    s[key] = e["to"]
+    parts = []
+    for key, _, names in FAST_PATHS:
+        seen: list[str] = []
+        for s in stages:
+            if s.get(key) is not None and names.get(s[key], str(s[key])) not in seen[-1:]:
+                seen.append(names.get(s[key], str(s[key])))
+        if seen:
+            parts.append("→".join(seen))
+    text = " · ".join(parts) or "-"
+    return f"{text} ({len(run.fallbacks)} fallback{'s' if len(run.fallbacks) != 1 else ''})" if run.fallbacks else text
+
+
 def sort_runs(runs: list[Run]) -> list[Run]:
     """Best top-1 first; runs without an evaluation last, in the order given."""
     return sorted(runs, key=lambda r: -r.top1 if r.top1 is not None else float("inf"))
 
 
 def run_table(runs: list[Run]) -> str:
-    head = ("| run | model | preset | final size | budget | device | top-1 | top-5 | epochs | images seen | "
-            "mean img/s | stop |")
-    rows = [head, "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    head = ("| run | model | preset | final size | budget | device | step · FFN · decoder | top-1 | top-5 | epochs | "
+            "images seen | mean img/s | stop |")
+    rows = [head, "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sort_runs(runs):
         rows.append(f"| {r.name} | {r.config.get('model', '-')} | {r.config.get('preset') or '-'} | "
-                    f"{r.config.get('image_size', '-')} | {_budget(r)} | {r.device or '-'} | {_pct(r.top1)} | "
+                    f"{r.config.get('image_size', '-')} | {_budget(r)} | {r.device or '-'} | {fast_paths(r)} | "
+                    f"{_pct(r.top1)} | "
                     f"{_pct(r.top5)} | {_num(r.epochs, '.2f')} | {_num(r.images_seen, ',')} | "
                     f"{_num(r.mean_ips, '.0f')} | {r.status} |")
     return "\n".join(rows) + "\n"

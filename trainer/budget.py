@@ -153,6 +153,11 @@ class StopGate:
             assert self.step_s is not None
             self.step_s = (1 - self.SMOOTHING) * self.step_s + self.SMOOTHING * seconds
 
+    def step_changed(self) -> None:
+        """The step changed its form mid-stage (a fast path fell back): the next steady step replaces the estimate
+        instead of being averaged with the old form's (or with the compile that the change cost)."""
+        self._steady = False
+
     def stage_settled(self) -> None:
         """The step reached its steady form: the stage's entry cost is measured (rebuild to the end of capture)."""
         if self._entry_start is not None:

@@ -17,6 +17,7 @@ from trainer import dist
 from trainer.budget import Budget
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
 from trainer.config import DEMO, ConfigError, ListPresets, TrainConfig, load_run_config, parse_args
+from trainer.fastpath import FastPathError
 from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
 from trainer.rundir import NullRunDir, RunDir
@@ -149,6 +150,12 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
     if checked is None:
         return 2
     cfg, out, resume = checked.cfg, checked.out, checked.resume
+    if cfg.check_gpu:  # writes nothing: a table on the console
+        from trainer.doctor import check, table
+
+        rows = check(cfg, checked.train_split, say=say)
+        print(table(rows))
+        return 0
     # The clock started with the process (imports included); a first build of the demo dataset is not charged;
     # a resumed run starts from what its earlier attempts spent.
     budget = Budget(cfg.budget_s, spent_before=resume["budget_spent_s"] if resume else 0.0,
@@ -172,8 +179,9 @@ def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | N
     one line, from rank 0) if any rank failed."""
     failure, root = None, None
     try:
-        if cfg.profile and world.distributed:
-            raise ConfigError("--profile measures one process: run it without torchrun")
+        if (cfg.profile or cfg.check_gpu) and world.distributed:
+            raise ConfigError(f"--{'profile' if cfg.profile else 'check-gpu'} measures one process: run it without "
+                              f"torchrun")
         for override in cfg.preset_overrides:
             say(f"preset {cfg.preset}: {override}")
         cfg, out, resume = _prepare_out(cfg, say)  # reads only: every rank checks before rank 0 writes
@@ -260,6 +268,8 @@ def _train(checked: _Checked, world: dist.World, run: RunDir, budget: Budget, sa
                             resume=checked.resume, stop=stop, world=world)
     except ImageDecodeError as e:  # found by one rank: it ends, and torchrun ends the others
         return ended("error", 1, str(e), together=False)
+    except FastPathError as e:  # --strict-fast-paths: a fast path failed where it first ran
+        return ended("error", 2, str(e), together=False)
     except StopRequested as e:
         signum = signal.Signals[e.reason]
         return ended("stopped", 128 + signum, f"stopped by {e.reason}; checkpoint {e.checkpoint.name} written; "

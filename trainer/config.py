@@ -188,6 +188,12 @@ class TrainConfig:
                                  "(on: needs CUDA; auto: on on CUDA for the h-swish locality models; off: PyTorch's "
                                  "ops, the reference). The weights are the same either way",
                          choices=("auto", "on", "off"))
+    decoder: str = opt("auto", "what decodes the images: mixed is DALI's GPU decoder (nvJPEG), cpu decodes on the CPU "
+                               "and copies the batches to the GPU (auto: mixed on CUDA, cpu elsewhere)",
+                       choices=("auto", "mixed", "cpu"))
+    strict_fast_paths: bool = opt(False, "end the run (exit 2) instead of falling back when the captured step, the "
+                                         "fused FFN or the GPU decoder fails or cannot run (for benchmarks that must "
+                                         "time the path they name)", action="store_true")
     workers: int = opt(0, "DALI CPU threads (0: one per core)", type=int)
     data_handoff: str = opt("host", "GPU batches: host waits on the host for each decoded batch; stream makes the "
                                     "training stream wait for it on the device, so the host never blocks on GPU "
@@ -206,6 +212,10 @@ class TrainConfig:
     profile: bool = opt(False, "instead of training: time the pipeline alone, the model step alone and the full "
                                "loop at each stage size, print a table, write profile.json and a torch.profiler "
                                "trace", action="store_true")
+    check_gpu: bool = opt(False, "instead of training: build each stage's pipeline and step once, run a few steps "
+                                 "of each fast path (captured step, fused FFN, GPU decoder) and of what it falls back "
+                                 "to, and print what works on this machine and what each costs (--data: demo if not "
+                                 "given)", action="store_true")
     profile_sizes: str | None = opt(None, "comma-separated sizes for --profile (default: the plan's stage sizes)",
                                     type=_sizes)
     profile_steps: int = opt(20, "timed steps per measurement for --profile", type=int)
@@ -351,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg = load_run_config(Path(given["resume"]))
         _check(cfg)
         return cfg
+    if given.get("data") is None and given.get("check_gpu"):
+        given["data"] = DEMO  # the check needs images to decode: the built-in ones will do
     if given.get("data") is None:
         raise ConfigError("--data is required (an ImageNet-layout folder or 'demo'), or --resume RUN_DIR")
     by_name = {f.name: f for f in _flag_fields()}
@@ -452,12 +464,17 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.fused_ffn == "on" and (cfg.model not in LOCALITY_MODELS or cfg.act != "hswish"):
         raise ConfigError(f"--fused-ffn on: the fused kernel is the h-swish locality FFN's; {cfg.model} with --act "
                           f"{cfg.act} has none (use auto or off)")
-    if cfg.device == "cuda" or cfg.fused_ffn == "on":
+    if cfg.check_gpu and cfg.profile:
+        raise ConfigError("--check-gpu and --profile are two different runs: give one of them")
+    if cfg.device == "cuda" or cfg.fused_ffn == "on" or cfg.decoder == "mixed":
         import torch  # only here: every other check runs before the heavy imports
 
         cuda = torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise ConfigError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+        if cfg.decoder == "mixed" and (cfg.device == "cpu" or not cuda):
+            raise ConfigError("--decoder mixed: DALI's GPU decoder needs a CUDA device; on the CPU the images are "
+                              "decoded there (use auto or cpu)")
         if cfg.fused_ffn == "on":
             from model import fused_ffn
 

@@ -22,6 +22,7 @@ from trainer.config import TrainConfig
 from trainer.curriculum import CurriculumPlan, stage_batch_size, stage_lr
 from trainer.dist import CONTINUE, NEXT_STAGE, STOP_BUDGET, STOP_DIVERGED, STOP_SIGNAL, World
 from trainer.evaluate import evaluate
+from trainer.fastpath import FastPathError, FastPaths
 from trainer.hardware import peak_flops
 from trainer.readout import Readout
 from trainer.rundir import RunDir, save_safetensors_atomic
@@ -64,8 +65,8 @@ def stage_spec(cfg: TrainConfig, device: torch.device, image_size: int, batch_si
     every node reads its own), its own augmentation seed, and the shuffle seed every rank shares."""
     world = world or World()
     seed = cfg.seed if seed is None else seed
-    return StageSpec.on(device, image_size=image_size, batch_size=batch_size, num_threads=cfg.workers,
-                        seed=world.seed(seed), shuffle_seed=seed, shard_id=world.rank,
+    return StageSpec.on(device, decoder=cfg.decoder, image_size=image_size, batch_size=batch_size,
+                        num_threads=cfg.workers, seed=world.seed(seed), shuffle_seed=seed, shard_id=world.rank,
                         num_shards=world.world_size, interp="cubic" if cfg.interp == "bicubic" else "linear",
                         rand_augment=randaug_bins(cfg) if train else None, min_area=cfg.min_area,
                         source_ratio=cfg.source_ratio, handoff=cfg.data_handoff)
@@ -158,6 +159,16 @@ class Trainer:
                                          image_size=s.image_size or self.plan.start, mode=self.mode,
                                          ddp=self.world.distributed)
         self.net = self.step.net
+        # what each fast path runs now, and its fallbacks (one line, a ``fallback`` event; --strict-fast-paths: stop)
+        self.paths = FastPaths(
+            asked={"step": cfg.step, "ffn": cfg.fused_ffn, "decoder": cfg.decoder},
+            running={"step": self.mode, "ffn": any(getattr(m, "fused", False) for m in self.net.modules()),
+                     "decoder": None},
+            strict=cfg.strict_fast_paths, log=run.log, say=readout.warn,
+            where=lambda: {"step": self.state.step, "stage": self.state.stage,
+                           "image_size": self.state.image_size, "elapsed_s": round(self.budget.elapsed, 3)})
+        self.step.on_fallback = self.step_fell_back
+        self.ran: list[dict[str, Any]] = []  # per stage entered by this process: what ran there
         self.last_eval_s: float | None = resume.get("last_eval_s") if resume else None
         if resume:
             self.load_state_dict(resume)
@@ -175,11 +186,10 @@ class Trainer:
             self.gate.record_eval(self.last_eval_s)
         self.train_batches = loader(train_split, self.spec(s.image_size or self.plan.start,
                                                            s.batch_size or cfg.batch_size), train=True,
-                                    device=self.device)
+                                    device=self.device, on_fallback=self.decoder_fell_back("train"))
         self.val_batches = loader(val_split, self.spec(cfg.final_eval_size, EVAL_BATCH, train=False), train=False,
-                                  device=self.device)
+                                  device=self.device, on_fallback=self.decoder_fell_back("evaluation"))
         self.params = sum(p.numel() for p in self.net.parameters())
-        self.fused_ffn = any(getattr(m, "fused", False) for m in self.net.modules())  # --fused-ffn, resolved
         self.peak = peak_flops(self.device)
         self.train_flops = 3.0 * forward_flops(self.net, s.image_size) if s.image_size else 0.0
         self.loss: torch.Tensor | None = None
@@ -201,10 +211,19 @@ class Trainer:
         if resume:  # a resumed run enters no stage: its first steps settle the step all the same
             self.gate.begin_stage(self.tokens(s.image_size))
 
+    @property
+    def fused_ffn(self) -> bool:
+        """The locality FFN runs as the Triton kernel now (--fused-ffn, resolved, and not fallen back)."""
+        return bool(self.paths.running["ffn"])
+
     # -- the run, top to bottom ------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         self.announce()
+        if self.fused_ffn:  # the evaluation probe runs it first: checked at the evaluation's shapes
+            self.check_fused_ffn(self.cfg.final_eval_size, 2)
+        if self.state.stage >= 0:  # resumed mid-stage: the fast paths are checked here, as at an entry
+            self.stage_paths()
         self.probe_evaluation()
         while True:
             if self.agreed(self.stage_due()):
@@ -250,11 +269,13 @@ class Trainer:
         s.peak_lr = stage_lr(cfg.peak_lr, s.batch_size, cfg.batch_size)  # the schedule scales it step by step
         self.step.move_to(size)  # the captured graph dropped, the position embedding and its Adam moments resized
         self.train_batches.set_stage(self.spec(size, s.batch_size))
+        self.stage_paths()  # the fused FFN checked at this stage's shapes; what runs here recorded
         rebuild_s = self.clock() - start
         self.train_flops = 3.0 * forward_flops(self.net, size)
         fields = dict(step=s.step, stage=s.stage, epoch=s.epoch, image_size=size, batch_size=s.batch_size,
                       peak_lr=s.peak_lr, steps_per_epoch=len(self.train_batches), rebuild_s=round(rebuild_s, 4),
-                      step_mode=self.mode, source_px=getattr(self.train_batches, "source_px", None),
+                      step_mode=self.mode, fused_ffn=self.fused_ffn, decoder=self.paths.running["decoder"],
+                      source_px=getattr(self.train_batches, "source_px", None),
                       elapsed_s=round(self.budget.elapsed, 3))
         self.run_dir.log("stage", **fields)
         self.readout.update(**fields)
@@ -386,6 +407,9 @@ class Trainer:
         s.lr = s.peak_lr * factor
         settling = self.step.settling
         self.loss = self.step(images, labels, lr=s.lr)
+        if not settling and self.step.times.steps == 1:  # the step fell back mid-stage: its new mode settled here
+            settling = True
+            self.gate.step_changed()
         if settling and not self.step.settling:
             self.step.synchronize()  # once per stage: the entry's cost is measured to its end, not to its launch
         s.step += 1
@@ -429,11 +453,72 @@ class Trainer:
             "stop_reason": "budget", "model": self.cfg.model, "image_size": s.image_size,
             "eval_size": self.cfg.final_eval_size, "stages_reached": s.stage + 1,
             "stages_skipped": self.stages_closed, "params": self.params, "step_mode": self.mode,
-            "fused_ffn": self.fused_ffn,
+            "fused_ffn": self.fused_ffn, "decoder": self.paths.running["decoder"],
+            # what ran at each stage this process entered, and every fast path that fell back (and why)
+            "stages": self.ran, "fallbacks": self.paths.events,
             "attempts": s.attempt + 1, "checkpoint": str(final_checkpoint.relative_to(self.run_dir.path)),
             "device": str(self.device), "world_size": self.world.world_size, "global_batch": self.cfg.global_batch,
             "state": asdict(s),
         }
+
+    # -- the fast paths ----------------------------------------------------------------------------------------------
+
+    def stage_paths(self) -> None:
+        """At a stage's entry: check the fused FFN at its shapes (it falls back to PyTorch's ops if it fails or
+        disagrees), then record what runs at this stage."""
+        s = self.state
+        if self.fused_ffn:
+            self.check_fused_ffn(s.image_size, s.batch_size)
+        self.paths.running["decoder"] = getattr(self.train_batches, "decoder", None)
+        self.ran.append({"stage": s.stage, "image_size": s.image_size, "step_mode": self.mode,
+                         "fused_ffn": self.fused_ffn, "decoder": self.paths.running["decoder"]})
+
+    def check_fused_ffn(self, size: int, batch: int) -> None:
+        """The fused kernels, forward and backward, once at a stage's batch, grid and dtype (the shapes Triton
+        compiles them for) against PyTorch's ops on the same input (``model.fused_ffn.self_check``): an error, or a
+        result off by more than the dtype's tolerance, and every locality FFN (the EMA copy's too) runs PyTorch's
+        ops for the rest of the run."""
+        from model import fused_ffn
+        from model.locality_vit import LocalityFeedForward, set_fused
+
+        s = self.state
+        ffn = next(m for m in self.net.modules() if isinstance(m, LocalityFeedForward))
+        dtype = self.amp or torch.float32
+        side = size // self.plan.patch
+        problem: BaseException | str | None = None
+        try:
+            error = fused_ffn.self_check(ffn.dwconv.weight, batch, (side, side),
+                                         getattr(self.net, "num_prefix_tokens", 1), dtype, seed=s.step)
+            tolerance = fused_ffn.tolerance(dtype)
+            if not error <= tolerance:  # NaN included
+                problem = (f"its result differs from PyTorch's ops by {error:.3g} (relative, at {size} px, "
+                           f"{str(dtype).removeprefix('torch.')}; tolerance {tolerance:.3g})")
+        except Exception as e:  # noqa: BLE001 - a Triton compile or launch error: reported, then passed by
+            problem = e
+        if problem is None:
+            return
+        self.paths.fell_back("ffn", True, False, problem)
+        set_fused(self.net, False)
+        if self.step.ema is not None:
+            set_fused(self.step.ema.module, False)
+
+    def step_fell_back(self, failed: str, to: str, error: BaseException, why: str) -> None:
+        """TrainStep's fallback: recorded (or, under --strict-fast-paths, refused), then the step runs as ``to``."""
+        self.paths.fell_back("step", failed, to, error, why)
+        self.mode = to
+        if self.ran:
+            self.ran[-1]["step_mode"] = to
+
+    def decoder_fell_back(self, which: str) -> Callable[[str, str, BaseException], None]:
+        """The loaders' fallback: this stage's ``which`` pipeline decodes on the CPU."""
+
+        def fell_back(failed: str, to: str, error: BaseException) -> None:
+            self.paths.fell_back("decoder", failed, to, error, f"the {which} pipeline at this stage; the next stage "
+                                                                "tries the GPU decoder again")
+            if which == "train" and self.ran and self.ran[-1]["stage"] == self.state.stage:
+                self.ran[-1]["decoder"] = to
+
+        return fell_back
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -453,8 +538,13 @@ class Trainer:
                          val_images=len(self.val_split), stages=[asdict(st) for st in self.plan.stages()],
                          skipped_files={"train": dict(self.train_split.skipped), "val": dict(self.val_split.skipped)},
                          eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
-        if self.mode_note:
-            self.readout.message(self.mode_note)
+        if self.mode_note:  # an explicit --step that cannot run here: loud, or under --strict-fast-paths, the end
+            if cfg.strict_fast_paths:
+                raise FastPathError(f"{self.mode_note} (--strict-fast-paths forbids it)")
+            self.paths.events.append({"path": "step", "failed": cfg.step, "to": self.mode, "error": self.mode_note,
+                                      "explicit": True, "step": s.step, "stage": s.stage})
+            self.run_dir.log("fallback", **self.paths.events[-1])
+            self.readout.warn(f"WARNING: {self.mode_note}", loud=True)
         self.readout.message(f"{cfg.model} ({self.params / 1e6:.1f}M params) on {self.device}, amp {self.amp}, "
                              f"step {self.mode}{', fused FFN' if self.fused_ffn else ''}, peak lr {cfg.peak_lr:.3g}, "
                              f"{len(self.train_split)} train / {len(self.val_split)} val images, "

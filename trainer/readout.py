@@ -41,6 +41,14 @@ class Readout:
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)
 
+    def warn(self, text: str, loud: bool = False) -> None:
+        """A warning line: yellow, or (``loud``: a fast path asked for by name did not run) bold red and also on
+        stderr when the readout's console is not there, so a redirected log and the terminal both show it."""
+        self.console.print(text, style="bold red" if loud else "yellow", highlight=False, soft_wrap=True,
+                           markup=False)
+        if loud and self.console.file is not sys.stderr and sys.stderr.isatty():
+            print(text, file=sys.stderr, flush=True)
+
     def update(self, **fields: Any) -> None:
         self.state.update(fields)
         if not self.live:
