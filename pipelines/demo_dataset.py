@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipelines.files import atomic_folder
 
 GENERATOR_VERSION = 1
 INFO_NAME = "DEMO_INFO.json"
@@ -176,44 +177,38 @@ def build_demo_dataset(
 
     per_class = {"train": train_per_class, "val": val_per_class}
     total = len(CLASS_NAMES) * sum(per_class.values())
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed run that had our pid
     try:
-        done = 0
-        for split_id, split in enumerate(_SPLITS):
-            for label, name in enumerate(CLASS_NAMES):
-                folder = tmp / split / name
-                folder.mkdir(parents=True)
-                for i in range(per_class[split]):
-                    # Per-image seeding makes every file independent of build order.
-                    rng = np.random.default_rng([seed, split_id, label, i])
-                    image = Image.fromarray(_render(label, rng, min_size, max_size))
-                    flat = label * per_class[split] + i + 1
-                    if grayscale_every > 0 and flat % grayscale_every == 0:
-                        image = image.convert("L")
-                    image.save(folder / f"{name}_{i:05d}.JPEG", quality=JPEG_QUALITY)
-                    done += 1
-                    if progress is not None and (done % 100 == 0 or done == total):
-                        progress(done, total)
-        info = {
-            "generator_version": GENERATOR_VERSION,
-            "seed": seed,
-            "classes": list(CLASS_NAMES),
-            "counts": {s: n * len(CLASS_NAMES) for s, n in per_class.items()},
-            "per_class": per_class,
-            "min_size": min_size,
-            "max_size": max_size,
-            "grayscale_every": grayscale_every,
-        }
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not _is_complete(root):  # otherwise a concurrent build won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(root, overwrite=False) as tmp:
+            done = 0
+            for split_id, split in enumerate(_SPLITS):
+                for label, name in enumerate(CLASS_NAMES):
+                    folder = tmp / split / name
+                    folder.mkdir(parents=True)
+                    for i in range(per_class[split]):
+                        # Per-image seeding makes every file independent of build order.
+                        rng = np.random.default_rng([seed, split_id, label, i])
+                        image = Image.fromarray(_render(label, rng, min_size, max_size))
+                        flat = label * per_class[split] + i + 1
+                        if grayscale_every > 0 and flat % grayscale_every == 0:
+                            image = image.convert("L")
+                        image.save(folder / f"{name}_{i:05d}.JPEG", quality=JPEG_QUALITY)
+                        done += 1
+                        if progress is not None and (done % 100 == 0 or done == total):
+                            progress(done, total)
+            info = {
+                "generator_version": GENERATOR_VERSION,
+                "seed": seed,
+                "classes": list(CLASS_NAMES),
+                "counts": {s: n * len(CLASS_NAMES) for s, n in per_class.items()},
+                "per_class": per_class,
+                "min_size": min_size,
+                "max_size": max_size,
+                "grayscale_every": grayscale_every,
+            }
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
+    except OSError:
+        if not _is_complete(root):  # otherwise a concurrent build won the race
+            raise
     return root
 
 

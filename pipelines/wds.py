@@ -19,11 +19,9 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from pipelines.files import atomic_file
 from pipelines.folder import IMAGE_EXTENSIONS, DatasetError, Split
 
 PREFIX = "wds:"
@@ -85,27 +83,13 @@ def index_shard(tar: Path) -> tuple[Path, list[int], dict[int, str]]:
     cache.mkdir(parents=True, exist_ok=True)
     from wds2idx import IndexCreator  # DALI's own index maker
 
-    with _written(idx) as tmp:
+    with atomic_file(idx) as tmp:
         with IndexCreator(str(tar), str(tmp), verbose=False) as creator:
             creator.create_index()
         labels, names = _labels(tar, tmp)
-    with _written(meta) as tmp:
+    with atomic_file(meta) as tmp:
         tmp.write_text(json.dumps({"shard": str(tar.resolve()), "labels": labels, "names": names}))
     return idx, labels, names
-
-
-@contextmanager
-def _written(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write, renamed onto ``path`` when the block ends (removed if it fails):
-    readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _labels(tar: Path, idx: Path) -> tuple[list[int], dict[int, str]]:
@@ -191,7 +175,7 @@ def write_shards(split: Split, out: Path, name: str, per_shard: int = 1000) -> l
     written = []
     for n, start in enumerate(range(0, len(split), per_shard)):
         path = out / f"{name}-{n:04d}.tar"
-        with _written(path) as tmp, tarfile.open(tmp, "w") as tar:
+        with atomic_file(path) as tmp, tarfile.open(tmp, "w") as tar:
             for i in range(start, min(start + per_shard, len(split))):
                 file, label = split.files[i], split.labels[i]
                 members = {Path(file).suffix.lower().lstrip("."): Path(file).read_bytes(),

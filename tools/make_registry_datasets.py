@@ -23,8 +23,6 @@ import gzip
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipelines.files import atomic_folder
 
 BUILDER_VERSION = 1
 INFO_NAME = "DATASET_INFO.json"
@@ -336,46 +336,40 @@ def build(
     raw = dataset.load(source)
     picks = _split(raw, seed, train_per_class, val_per_class)
     total = sum(len(p) for p in picks.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had our pid
     try:
-        done = 0
-        for split, indices in picks.items():
-            for name_ in raw.classes:
-                (tmp / split / name_).mkdir(parents=True)
-            for i in indices:
-                path = tmp / split / raw.classes[raw.labels[i]] / f"{raw.ids[i]}.JPEG"
-                _render(raw.images[i], size).save(path, quality=JPEG_QUALITY, subsampling=0)
-                done += 1
-                if progress is not None and (done % 500 == 0 or done == total):
-                    progress(done, total)
-        native = raw.images.shape[1:3]
-        info = {
-            "request": request,
-            "name": name,
-            "summary": dataset.summary,
-            "source": {"registry": dataset.registry, "package": dataset.package, "version": source.version,
-                       "install": dataset.install, "path": str(source.path)},
-            "classes": list(raw.classes),
-            "counts": {split: int(len(idx)) for split, idx in picks.items()},
-            "per_class": {split: {c: int(np.sum(raw.labels[idx] == k)) for k, c in enumerate(raw.classes)}
-                          for split, idx in picks.items()},
-            "split": raw.split_rule + (f"; then a seeded per-class subset (train {train_per_class}, val "
-                                       f"{val_per_class} at most)" if train_per_class or val_per_class else ""),
-            "seed": seed,
-            "image": {"source_px": f"{native[1]}x{native[0]}", "source_channels": 3 if raw.images.ndim == 4 else 1,
-                      "px": size, "format": f"JPEG RGB, quality {JPEG_QUALITY}, 4:4:4",
-                      "filter": "bicubic up, Lanczos down"},
-        }
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if (_existing(out) or {}).get("request") != request:  # else a concurrent build won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out, overwrite=False) as tmp:
+            done = 0
+            for split, indices in picks.items():
+                for name_ in raw.classes:
+                    (tmp / split / name_).mkdir(parents=True)
+                for i in indices:
+                    path = tmp / split / raw.classes[raw.labels[i]] / f"{raw.ids[i]}.JPEG"
+                    _render(raw.images[i], size).save(path, quality=JPEG_QUALITY, subsampling=0)
+                    done += 1
+                    if progress is not None and (done % 500 == 0 or done == total):
+                        progress(done, total)
+            native = raw.images.shape[1:3]
+            info = {
+                "request": request,
+                "name": name,
+                "summary": dataset.summary,
+                "source": {"registry": dataset.registry, "package": dataset.package, "version": source.version,
+                           "install": dataset.install, "path": str(source.path)},
+                "classes": list(raw.classes),
+                "counts": {split: int(len(idx)) for split, idx in picks.items()},
+                "per_class": {split: {c: int(np.sum(raw.labels[idx] == k)) for k, c in enumerate(raw.classes)}
+                              for split, idx in picks.items()},
+                "split": raw.split_rule + (f"; then a seeded per-class subset (train {train_per_class}, val "
+                                           f"{val_per_class} at most)" if train_per_class or val_per_class else ""),
+                "seed": seed,
+                "image": {"source_px": f"{native[1]}x{native[0]}", "source_channels": 3 if raw.images.ndim == 4 else 1,
+                          "px": size, "format": f"JPEG RGB, quality {JPEG_QUALITY}, 4:4:4",
+                          "filter": "bicubic up, Lanczos down"},
+            }
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
+    except OSError:
+        if (_existing(out) or {}).get("request") != request:  # else a concurrent build won the race
+            raise
     return out
 
 

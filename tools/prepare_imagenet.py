@@ -64,6 +64,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps
 
+from pipelines.files import replace_folder, write_text_atomic
+
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_DATA = Path("ILSVRC/Data/CLS-LOC")
 KAGGLE_VAL_LABELS, KAGGLE_SYNSETS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
@@ -802,15 +804,6 @@ def select(catalog: Catalog, subset_classes: int | None, per_class: int | None, 
     return wnids
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _options(args: argparse.Namespace, layout: str) -> dict:
     return {"source": str(Path(args.src).resolve()), "layout": layout, "max_size": args.max_size,
             "quality": args.quality, "subset_classes": args.subset_classes, "per_class": args.per_class,
@@ -884,10 +877,9 @@ def _finish_class(out: Path, copies: list[Copy], record: dict) -> None:
         src = out / WORK / "partial" / (copy.rel or "main") / split / wnid
         dst = out / copy.rel / split / wnid
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(src, dst)
+        replace_folder(src, dst)
     (out / WORK / "done" / split).mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WORK / "done" / split / f"{wnid}.json", json.dumps(record))
+    write_text_atomic(out / WORK / "done" / split / f"{wnid}.json", json.dumps(record))
 
 
 Task = tuple[Callable[..., dict], tuple, int]  # (worker function, its leading arguments, its images)
@@ -920,7 +912,7 @@ def _task_done(out: Path, copies: list[Copy], result: dict) -> None:
     if "shard" in result:
         path = _shard_record(out, result["split"], result["shard"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(result))
+        write_text_atomic(path, json.dumps(result))
     else:
         _finish_class(out, copies, result)
 
@@ -1007,7 +999,7 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
 
     (out / WORK).mkdir(parents=True, exist_ok=True)
     if state == "new":
-        _atomic_write(out / WORK / "options.json", json.dumps(options, indent=2))
+        write_text_atomic(out / WORK / "options.json", json.dumps(options, indent=2))
     tasks = _tasks(catalog, wnids, out)
     todo = sum(images for *_, images in tasks)
     total = sum(len(catalog.splits[s].get(w, [])) for s in SPLITS for w in wnids)
@@ -1027,9 +1019,9 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> dic
     for copy in copies:  # every copy is a dataset of its own; the lists and manifest appear last
         root = out / copy.rel
         for split in SPLITS:
-            _atomic_write(root / f"{split}.txt", _lines(records[split], split, wnids))
-        _atomic_write(root / "classes.txt", classes)
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+            write_text_atomic(root / f"{split}.txt", _lines(records[split], split, wnids))
+        write_text_atomic(root / "classes.txt", classes)
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out / WORK, ignore_errors=True)
     return manifest
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.rundir import FILE_MODE
+from pipelines.files import atomic_file
 
 KEEP = 2
 PREFIX, SUFFIX = "ckpt-", ".pt"
@@ -27,30 +25,12 @@ class Loaded:
     skipped: tuple[tuple[Path, str], ...]  # newer checkpoints that could not be read, and why
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int = KEEP) -> Path:
     """Write ``payload`` as ``ckpt-<step>.pt``; a crash at any moment leaves only whole files behind."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{PREFIX}{step:09d}{SUFFIX}"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

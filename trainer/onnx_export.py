@@ -3,12 +3,10 @@ batch of the run's own val images (the locality FFN exports through its PyTorch 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from trainer.rundir import FILE_MODE
+from pipelines.files import atomic_file
 from trainer.use import OpenedRun
 
 CHECK_BATCH = 8
@@ -20,7 +18,7 @@ def sample_batch(run: OpenedRun, size: int) -> Any:
     import torch
 
     from pipelines import DatasetError, StageLoader, open_dataset
-    from trainer.loop import stage_spec
+    from trainer.data import stage_spec
 
     try:
         _, val = open_dataset(str(run.data_root)) if run.data_root else (None, None)
@@ -48,17 +46,9 @@ def export_onnx(run: OpenedRun, out: Path, size: int, dynamic_batch: bool = Fals
     if dynamic_batch:
         kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
-    os.close(fd)
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(net, (images,), None, **kwargs)
-            program.save(tmp)
-        os.chmod(tmp, FILE_MODE)  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, suffix=".onnx") as tmp, torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(net, (images,), None, **kwargs)
+        program.save(tmp)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     check = images if not dynamic_batch else images[: max(1, len(images) - 1)]  # another batch size than traced
     got = session.run(["logits"], {"images": check.numpy()})[0]

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.files import atomic_folder
 from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, load_run_config
-from trainer.rundir import _umask, write_json_atomic
+from trainer.rundir import write_json_atomic
 
 WEIGHTS = ("auto", "ema", "raw")
 FINAL = "model.safetensors"
@@ -139,16 +137,7 @@ def write_model_folder(run: OpenedRun, out: Path, image_size: int | None = None)
     into place: a reader sees the old folder or the new one, never half of one."""
     from trainer.rundir import save_safetensors_atomic
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from other users
+    with atomic_folder(out) as tmp:
         save_safetensors_atomic(run.state_dict, tmp / FINAL)
         write_json_atomic(tmp / "config.json", timm_config(run, image_size or run.eval_size))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
