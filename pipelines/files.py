@@ -1,6 +1,7 @@
-"""Writing files so that a reader, or a crash, never sees half of one: a temporary file (or folder) beside the
-target, flushed to disk, given the usual mode and renamed onto the target; removed instead if the writer fails.
-The one place in the project that renames files into place."""
+"""Files: the image formats the project reads, by extension (one table), and writing files so that a reader, or a
+crash, never sees half of one: a temporary file (or folder) beside the target, flushed to disk, given the usual mode
+and renamed onto the target; removed instead if the writer fails. The one place in the project that renames files
+into place."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# What training reads, by format: what DALI's image decoder reads (on the GPU, the formats nvJPEG lacks fall back to
+# its CPU decoders). The folder and WebDataset readers, the integrity check, prepare and the error messages use it.
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpeg", ".jpg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",), "TIFF": (".tif", ".tiff"),
+    "JPEG 2000": (".jp2", ".j2k"), "PNM": (".pnm", ".ppm", ".pgm", ".pbm"),
+}
+IMAGE_EXTENSIONS = tuple(ext for exts in IMAGE_FORMATS.values() for ext in exts)
+FORMAT_NAMES = ", ".join(IMAGE_FORMATS)  # for messages: "JPEG, PNG, WebP, ..."
+# What prepare reads besides: Pillow decodes it, DALI does not; prepare writes it (as every non-JPEG) as JPEG
+CONVERTED_FORMATS: dict[str, tuple[str, ...]] = {"GIF": (".gif",)}
+PREPARE_EXTENSIONS = IMAGE_EXTENSIONS + tuple(ext for exts in CONVERTED_FORMATS.values() for ext in exts)
+
+
+def is_image_name(name: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """A file name with one of ``extensions`` (any case) that is not hidden."""
+    return name.lower().endswith(extensions) and not name.startswith(".")
 
 
 def _umask() -> int:

@@ -8,9 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# What DALI's image decoder reads (on the GPU, the formats nvJPEG lacks fall back to its CPU decoders)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".jp2", ".j2k", ".pnm", ".ppm", ".pgm",
-                    ".pbm")
+from pipelines.files import IMAGE_EXTENSIONS, is_image_name
+
 LAYOUT_HINT = "expected DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
 
 
@@ -46,10 +45,6 @@ class Split:
         _, folder = min(fits)
         cut = len(str(self.root))
         return replace(self, root=folder, files=tuple(str(folder) + f[cut:] for f in self.files), copies=())
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def _extension(name: str) -> str:
@@ -99,10 +94,10 @@ def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) 
         for name in found:
             class_dir = folder / name
             entries = [e.name for e in os.scandir(class_dir) if e.is_file()]
-            images = sorted(n for n in entries if _is_image(n))
+            images = sorted(n for n in entries if is_image_name(n))
             files.extend(str(class_dir / f) for f in images)
             labels.extend([index[name]] * len(images))
-            skipped.update(_extension(n) for n in entries if not _is_image(n))
+            skipped.update(_extension(n) for n in entries if not is_image_name(n))
         skipped.update(_extension(e.name) for e in os.scandir(folder) if e.is_file())  # outside the class folders
     if not files:
         raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)} files in its class folders)"

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from PIL import Image
 
+from pipelines.files import FORMAT_NAMES
+
 JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
 PNG_START = b"\x89PNG\r\n\x1a\n"
 # The other formats DALI's decoder reads, by their first bytes: BMP, TIFF (both byte orders), JPEG 2000 (file and
@@ -16,8 +18,8 @@ OTHER_STARTS = (b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ", b"\xff\x
 
 
 def structural_problem(path: str) -> str | None:
-    """A cheap check (two small reads): empty, not an image format DALI decodes, or a JPEG cut short. None if it
-    looks whole (formats other than JPEG are checked by their first bytes only)."""
+    """A cheap check (two small reads): empty, not an image format DALI decodes (pipelines.files.IMAGE_FORMATS),
+    or a JPEG cut short. None if it looks whole (formats other than JPEG are checked by their first bytes only)."""
     try:
         size = os.path.getsize(path)
         if size == 0:
@@ -31,7 +33,7 @@ def structural_problem(path: str) -> str | None:
     if head.startswith((PNG_START, *OTHER_STARTS)) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return None
     if not head.startswith(JPEG_START):
-        return "not an image format DALI decodes (JPEG, PNG, WebP, BMP, TIFF, JPEG 2000, PNM)"
+        return f"not an image format DALI decodes ({FORMAT_NAMES})"
     if JPEG_END not in tail.rstrip(b"\x00 \r\n"):
         return "truncated JPEG (no end marker)"
     return None

@@ -21,8 +21,8 @@ import os
 import re
 from pathlib import Path
 
-from pipelines.files import atomic_file
-from pipelines.folder import IMAGE_EXTENSIONS, DatasetError, Split
+from pipelines.files import IMAGE_EXTENSIONS, atomic_file
+from pipelines.folder import DatasetError, Split
 
 PREFIX = "wds:"
 IMAGE_EXT = ";".join(e[1:] for e in IMAGE_EXTENSIONS) + ";" + ";".join(e[1:].upper() for e in IMAGE_EXTENSIONS)

@@ -286,3 +286,33 @@ def test_output_names_never_collide_within_a_class():
         names.append(prep._output_name(name, reencoded, used))
         used.add(names[-1])
     assert names == ["x.JPEG", "x_1.JPEG", "x.jpeg", "noext.JPEG", "x_2.JPEG"]
+
+
+def test_prepare_reads_every_extension_the_folder_reader_reads(tmp_path):
+    """One table (pipelines/files.py): a class folder with an image in each format training reads is read whole by
+    the folder reader and by prepare; prepare also takes a GIF (re-encoded as JPEG), the one format it converts,
+    which the folder reader counts as skipped."""
+    from pipelines.files import CONVERTED_FORMATS, IMAGE_EXTENSIONS, PREPARE_EXTENSIONS
+
+    converted = {ext for exts in CONVERTED_FORMATS.values() for ext in exts}
+    assert set(PREPARE_EXTENSIONS) == set(IMAGE_EXTENSIONS) | converted
+    src, pillow = tmp_path / "src", Image.registered_extensions()
+    for split in ("train", "val"):
+        folder = src / split / "n01440764"
+        folder.mkdir(parents=True)
+        for n, ext in enumerate(PREPARE_EXTENSIONS):
+            mode = {".pbm": "1", ".pgm": "L"}.get(ext, "RGB")
+            Image.new("RGB", (40, 32), (200, 30, 30)).convert(mode).save(folder / f"im{n:02d}{ext}", pillow[ext])
+        (folder / "notes.txt").write_text("x")
+    train, _ = index_dataset(src)
+    assert sorted(Path(f).suffix for f in train.files) == sorted(IMAGE_EXTENSIONS)
+    assert dict(train.skipped) == {**dict.fromkeys(converted, 1), ".txt": 1}
+
+    out = tmp_path / "out"
+    assert prep.main([str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["excluded"] == []
+    kept = {Path(rel).stem for rel in (out / "train.txt").read_text().split()[::2]}
+    assert kept == {f"im{n:02d}" for n in range(len(PREPARE_EXTENSIONS))}
+    prepared, _ = index_dataset(out)
+    assert len(prepared) == len(PREPARE_EXTENSIONS)  # and training reads every file prepare wrote

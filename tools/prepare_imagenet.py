@@ -16,8 +16,12 @@ SRC is one of:
           pyarrow, one row group at a time: one worker task per shard reads each row group once (a class's images
           may lie in every row group, so per-class tasks could read each row group once per class it holds).
   wds     WebDataset tar shards, as timm/imagenet-1k-wds: *train*.tar and *val*.tar (or *validation*) in SRC, each
-          sample a KEY.jpg (or .jpeg, .png, .webp), KEY.cls (the label, an integer) and an optional KEY.json
-          ({"label": ..., "class_name": ...}). The images are read in place from the tars, as for ilsvrc.
+          sample a KEY.jpg (or another extension of pipelines.files.PREPARE_EXTENSIONS), KEY.cls (the label, an
+          integer) and an optional KEY.json ({"label": ..., "class_name": ...}). The images are read in place from the
+          tars, as for ilsvrc.
+
+Images are the files with an extension training reads (pipelines.files.IMAGE_FORMATS: JPEG, PNG, WebP, BMP, TIFF,
+JPEG 2000, PNM) or a GIF (Pillow reads it, DALI does not: it is re-encoded as JPEG like every non-JPEG).
 
 DST gets train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, train.txt and val.txt ("relative/path label" per line),
 classes.txt ("index<TAB>wnid<TAB>name"; indices in sorted-WNID order, as torchvision's ImageNet and timm's heads)
@@ -64,12 +68,11 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps
 
-from pipelines.files import replace_folder, write_text_atomic
+from pipelines.files import PREPARE_EXTENSIONS, is_image_name, replace_folder, write_text_atomic
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_DATA = Path("ILSVRC/Data/CLS-LOC")
 KAGGLE_VAL_LABELS, KAGGLE_SYNSETS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 WORK = ".prepare-work"  # resumable state inside DST; removed once the manifest is written (pipelines.folder knows it)
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -257,7 +260,7 @@ def _read_devkit(path: Path) -> tuple[dict[str, str], dict[int, str]]:
 
 def _images_in(folder: Path) -> list[Item]:
     return [Item(e.name, e.path) for e in sorted(os.scandir(folder), key=lambda e: e.name)
-            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")]
+            if e.is_file() and is_image_name(e.name, PREPARE_EXTENSIONS)]
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -475,7 +478,6 @@ def _parquet_images(path: str, group: int) -> list[bytes | None]:
     return _ROW_GROUP["images"]
 
 
-WDS_IMAGES = ("jpg", "jpeg", "png", "webp")
 WDS_SPLITS = {"train": ("train",), "val": ("val",)}  # "val" also matches "validation"
 
 
@@ -501,7 +503,7 @@ def _wds_samples(path: Path) -> Iterator[tuple[str, dict]]:
             stem, _, ext = base.partition(".")  # WebDataset: the key ends at the basename's first dot
             key, kind = f"{folder}/{stem}" if folder else stem, ext.lower()
             sample = samples.setdefault(key, {})
-            if kind in WDS_IMAGES:
+            if f".{kind}" in PREPARE_EXTENSIONS:
                 if "image" in sample:
                     raise PrepareError(f"{path}: sample {key!r} has two images ({sample['image'][0].name!r}, "
                                        f"{m.name!r})")
@@ -521,7 +523,7 @@ def _wds_samples(path: Path) -> Iterator[tuple[str, dict]]:
                     raise PrepareError(f"{path}: member {m.name!r} is not a JSON object")
                 sample["json"] = meta
             else:
-                raise PrepareError(f"{path}: member {m.name!r} is neither an image (.{', .'.join(WDS_IMAGES)}) "
+                raise PrepareError(f"{path}: member {m.name!r} is neither an image ({', '.join(PREPARE_EXTENSIONS)}) "
                                    "nor a label (.cls, .json)")
     yield from samples.items()
 
@@ -546,7 +548,7 @@ def _scan_wds(src: Path, progress: Callable[[str], None]) -> Catalog:
                         else f"label {label!r}, outside the class list")
                 raise PrepareError(f"{path}: sample {key!r} has {what}")
             if "image" not in sample:
-                raise PrepareError(f"{path}: sample {key!r} has no image (.{', .'.join(WDS_IMAGES)})")
+                raise PrepareError(f"{path}: sample {key!r} has no image ({', '.join(PREPARE_EXTENSIONS)})")
             name = meta.get("class_name")
             if isinstance(name, str) and name:
                 if names.setdefault(label, name) != name:

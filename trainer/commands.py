@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, Split, open_dataset
-from pipelines.folder import IMAGE_EXTENSIONS
+from pipelines.files import FORMAT_NAMES, IMAGE_EXTENSIONS
 from trainer.config import OneLineParser
 from trainer.loop import EVAL_BATCH
 from trainer.rundir import write_bytes_atomic, write_json_atomic
@@ -214,7 +214,7 @@ def _predict_inputs(args: argparse.Namespace) -> tuple[OpenedRun, list[str], Any
         else:
             raise RunError(f"{item}: no such file or folder")
     if not files:
-        raise RunError(f"no images (.JPEG, .jpg, .png) in {', '.join(map(str, args.inputs))}")
+        raise RunError(f"no images ({FORMAT_NAMES}) in {', '.join(map(str, args.inputs))}")
     return run, files, _device(args.device)
 
 
