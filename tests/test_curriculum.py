@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.curriculum import CurriculumPlan, PlanError, stage_batch_size, stage_lr
+from trainer.curriculum import CurriculumPlan, PlanError, stage_batch_size
+from trainer.schedule import stage_lr
+
+
+def _size_at(plan: CurriculumPlan, epoch: int) -> int:
+    """The image size the loop trains at in ``epoch`` (the epoch form)."""
+    return plan.size_of(plan.stage_at(epoch))
 
 
 def test_papers_best_plan():
+    """32:32:5 to 224: 32 px for epochs 0-4, 32 px more every 5 epochs, 224 px from epoch 30 on; its stages'
+    sizes, tokens and epoch spans."""
     plan = CurriculumPlan.parse("32:32:5", final=224)
-    assert [plan.size_at(e) for e in range(5)] == [32] * 5
-    assert [plan.size_at(e) for e in range(5, 10)] == [64] * 5
-    assert [plan.size_at(e) for e in (10, 15, 20, 25)] == [96, 128, 160, 192]
-    assert all(plan.size_at(e) == 224 for e in (30, 31, 100, 10_000))
+    assert [_size_at(plan, e) for e in range(5)] == [32] * 5
+    assert [_size_at(plan, e) for e in range(5, 10)] == [64] * 5
+    assert [_size_at(plan, e) for e in (10, 15, 20, 25)] == [96, 128, 160, 192]
+    assert all(_size_at(plan, e) == 224 for e in (30, 31, 100, 10_000))
     stages = plan.stages()
     assert [s.image_size for s in stages] == [32, 64, 96, 128, 160, 192, 224]
     assert [s.tokens for s in stages] == [4, 16, 36, 64, 100, 144, 196]
@@ -22,15 +30,17 @@ def test_papers_best_plan():
 
 
 def test_step_that_overshoots_is_capped_at_the_final_size():
+    """32:64:2 to 128: stages 32, 96, then 128 (not 160), and 128 px from then on."""
     plan = CurriculumPlan.parse("32:64:2", final=128)
     assert [s.image_size for s in plan.stages()] == [32, 96, 128]
-    assert plan.size_at(100) == 128
+    assert _size_at(plan, 100) == 128
 
 
 def test_no_curriculum_is_one_stage_at_the_final_size():
+    """CurriculumPlan.fixed: one open-ended stage at the final size from epoch 0."""
     plan = CurriculumPlan.fixed(224)
     assert [(s.image_size, s.first_epoch, s.last_epoch) for s in plan.stages()] == [(224, 0, None)]
-    assert plan.size_at(0) == plan.size_at(99) == 224
+    assert _size_at(plan, 0) == _size_at(plan, 99) == 224
 
 
 @pytest.mark.parametrize(
@@ -48,11 +58,14 @@ def test_no_curriculum_is_one_stage_at_the_final_size():
     ],
 )
 def test_invalid_plans_are_refused(text, final, needle):
+    """Each malformed epoch-form plan raises a PlanError with its message."""
     with pytest.raises(PlanError, match=needle):
         CurriculumPlan.parse(text, final=final)
 
 
 def test_token_batch_rule():
+    """--stage-batch tokens: base x (final/size)^2, capped, rounded down to a multiple of 8; fixed keeps the base;
+    the lr scales with the square root of the batch."""
     assert stage_batch_size(64, 32, 224, "fixed", 1024) == 64
     assert stage_batch_size(64, 224, 224, "tokens", 1024) == 64
     assert stage_batch_size(64, 112, 224, "tokens", 1024) == 256  # (224/112)^2 = 4
@@ -62,6 +75,8 @@ def test_token_batch_rule():
 
 
 def test_time_placed_plan_reaches_the_final_size_at_its_share_of_the_budget():
+    """32:32@60%: the final size from 60% of the budget, the stages before sharing [0, 60%] by image side, and no
+    stage per epoch."""
     plan = CurriculumPlan.parse("32:32@60%", final=224)
     assert plan.timed and [s.image_size for s in plan.stages()] == [32, 64, 96, 128, 160, 192, 224]
     starts = plan.starts
@@ -81,11 +96,13 @@ def test_time_placed_plan_reaches_the_final_size_at_its_share_of_the_budget():
                                               ("32:32@soon", "START:STEP@SHARE"), ("32@60%", "START:STEP@SHARE"),
                                               ("40:32@50%", "multiple of the patch size")])
 def test_bad_time_placed_plans_are_refused(text, needle):
+    """Each malformed time-form plan raises a PlanError with its message."""
     with pytest.raises(PlanError, match=needle):
         CurriculumPlan.parse(text, final=224)
 
 
 def test_a_bad_time_placed_plan_exits_2_naming_the_flag(capsys, tmp_path):
+    """vit-train --curriculum 32:32@120%: exit 2, one line naming --curriculum, no run folder."""
     from trainer.cli import main
 
     assert main(["--data", "demo", "--curriculum", "32:32@120%", "--out", str(tmp_path / "run")]) == 2

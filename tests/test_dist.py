@@ -10,13 +10,14 @@ import pytest
 import torch.multiprocessing as mp
 
 from trainer import dist as tdist
+from trainer.agreement import STOP_BUDGET, STOP_SIGNAL
 
 
 def test_without_torchrun_the_world_is_one_process_and_collectives_return_their_input():
     world = tdist.world_from_env({})
     assert (world.rank, world.world_size, world.local_rank, world.is_main, world.distributed) == (0, 1, 0, True,
                                                                                                  False)
-    assert world.agree((tdist.STOP_SIGNAL, 15), (1.5, 2.0)) == ([tdist.STOP_SIGNAL, 15], [1.5, 2.0])
+    assert world.agree((STOP_SIGNAL, 15), (1.5, 2.0)) == ([STOP_SIGNAL, 15], [1.5, 2.0])
     assert world.seed(7) == 7
     assert world.sum_counts(3, 4.0) == (3, 4.0) and world.rank0(1.5) == 1.5 and world.all_ok(False) is False
     world.barrier()
@@ -44,7 +45,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         result = {
             # a signal on rank 1 only; rank 0's clock and step count win
-            "agreed": world.agree((tdist.STOP_SIGNAL if rank == 1 else tdist.STOP_BUDGET, 15 * rank),
+            "agreed": world.agree((STOP_SIGNAL if rank == 1 else STOP_BUDGET, 15 * rank),
                                   (100.0 + rank, 7 - rank)),
             "seed": world.seed(3),
             "counts": world.sum_counts(rank + 1, 10 * (rank + 1)),  # e.g. correct, images of each rank's shard
@@ -70,7 +71,7 @@ def test_two_gloo_processes_agree_on_the_stop_flag_the_counts_and_rank_0s_clock(
     assert not alive and all(p.exitcode == 0 for p in ctx.processes)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
-        assert r["agreed"] == [[tdist.STOP_SIGNAL, 15], [100.0, 7.0]] and r["counts"] == [3.0, 30.0]
+        assert r["agreed"] == [[STOP_SIGNAL, 15], [100.0, 7.0]] and r["counts"] == [3.0, 30.0]
         assert r["clock"] == 100.0 and r["all_ok"] == [True, False]
     assert [r["is_main"] for r in results] == [True, False]
     assert results[0]["seed"] == 3 != results[1]["seed"]  # rank 0 draws as one process would; rank 1 its own

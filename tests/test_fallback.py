@@ -59,7 +59,7 @@ def make_trainer(tmp_path: Path, *flags: str, split: Split | None = None, loader
                 yield batch
         return evaluate(net, ticking(), amp)
 
-    t.evaluate_model = ticking_evaluate
+    t.evaluator.evaluate_model = ticking_evaluate
     return t, console
 
 
@@ -219,11 +219,11 @@ def test_ffn_fallback_not_taken_when_the_kernel_agrees(tmp_path, monkeypatch):
     launched = []
     fused_on(monkeypatch, lambda kernel, *a, **k: launched.append(kernel(*a, **k)))
     t, console = make_trainer(tmp_path)  # (a whole run in Triton's interpreter would take minutes)
-    t.check_fused_ffn(32, 4)
-    t.check_fused_ffn(64, 2)
+    t.paths.check_ffn(32, 4)
+    t.paths.check_ffn(64, 2)
     t.run_dir.close()
     assert len(launched) == 2 and not events(t, "fallback") and not console.getvalue()
-    assert t.fused_ffn is True and ffns(t.net) == [True] * 4
+    assert t.paths.running["ffn"] is True and ffns(t.net) == [True] * 4
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def _trainer(tmp_path: Path, flags: list[str], *, step_s: float = 1.0, settle_s:
                 yield batch
         return evaluate(net, ticking(), amp)
 
-    trainer.evaluate_model = ticking_evaluate
+    trainer.evaluator.evaluate_model = ticking_evaluate
     return trainer, clock
 
 

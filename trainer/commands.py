@@ -16,7 +16,7 @@ from typing import Any
 from pipelines import DatasetError, ImageDecodeError, Split, open_dataset
 from pipelines.files import FORMAT_NAMES, IMAGE_EXTENSIONS
 from trainer.config import OneLineParser
-from trainer.loop import EVAL_BATCH
+from trainer.data import EVAL_BATCH
 from trainer.rundir import write_bytes_atomic, write_json_atomic
 from trainer.use import MODEL_FOLDER, WEIGHTS, OpenedRun, RunError, check_size, open_run, write_model_folder
 
@@ -48,7 +48,7 @@ def _device(name: str) -> Any:
 def _loader(run: OpenedRun, split: Split, size: int, batch: int, device: Any, world: Any = None) -> Any:
     """The training evaluation's own val pipeline (resize, centre crop, normalize) at ``size``."""
     from pipelines import StageLoader
-    from trainer.loop import stage_spec
+    from trainer.data import stage_spec
 
     spec = stage_spec(run.cfg, device, size, batch, train=False, world=world)
     return StageLoader(split, spec, train=False, device=device)

@@ -243,8 +243,11 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        """DeiT's rule on the global batch: --lr is the lr for 512 images per step."""
-        return self.lr * self.global_batch / 512
+        """DeiT's rule on the global batch: --lr is the lr for 512 images per step (the first term of
+        ``trainer.schedule.lr_at``)."""
+        from trainer.schedule import batch_rule_lr
+
+        return batch_rule_lr(self.lr, self.global_batch)
 
     def plan(self) -> CurriculumPlan:
         if self.curriculum is None:

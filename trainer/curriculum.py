@@ -90,9 +90,6 @@ class CurriculumPlan:
             raise PlanError("a time-placed curriculum has no stage per epoch; use stage_at_fraction")
         return min(epoch // self.every, self.num_stages - 1)
 
-    def size_at(self, epoch: int) -> int:
-        return self.size_of(self.stage_at(epoch))
-
     @cached_property  # read at every step of a time-placed run: computed once
     def starts(self) -> tuple[float, ...]:
         """The time form: the budget fraction at which each stage begins (the final one at ``until``).
@@ -110,6 +107,12 @@ class CurriculumPlan:
             out.append(self.until * spent / total)
             spent += side
         return (*out, self.until) if sides else (0.0,)
+
+    def next_start(self, stage: int) -> float | None:
+        """The budget fraction at which the stage after ``stage`` begins: None in the epoch form or at the last."""
+        if not self.timed or stage + 1 >= self.num_stages:
+            return None
+        return self.starts[stage + 1]
 
     def stage_at_fraction(self, fraction: float) -> int:
         """The time form's stage once ``fraction`` of the budget is spent."""
@@ -135,9 +138,3 @@ def stage_batch_size(base: int, size: int, final: int, rule: str, max_batch: int
         return base
     scaled = min(max_batch, int(base * (final / size) ** 2))
     return max(base, scaled // 8 * 8)
-
-
-def stage_lr(base_lr: float, batch: int, base_batch: int) -> float:
-    """Square-root scaling with the batch size, the usual rule for Adam-family optimizers (linear scaling at 16x
-    the batch diverges a ViT)."""
-    return base_lr * math.sqrt(batch / base_batch)

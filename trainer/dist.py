@@ -17,10 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# The loop's verdict between steps, all-reduced with MAX at agreed steps so every rank does the same at the same
-# step: the larger wins (a non-finite loss over a signal over the budget over a time-placed stage change).
-CONTINUE, NEXT_STAGE, STOP_BUDGET, STOP_SIGNAL, STOP_DIVERGED = 0, 1, 2, 3, 4
-
 
 @dataclass(frozen=True)
 class World:

@@ -18,8 +18,8 @@ import torch
 from pipelines import Split, StageLoader
 from trainer.config import TrainConfig
 from trainer.curriculum import stage_batch_size
+from trainer.data import stage_spec
 from trainer.fastpath import one_line
-from trainer.loop import stage_spec
 from trainer.step import TrainStep, fallback_mode, resolve_amp, resolve_device, resolve_step_mode
 
 NOT_ON_CPU = "not available on CPU"

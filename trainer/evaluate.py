@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,3 +61,69 @@ def _summed(counts: torch.Tensor, world: World | None) -> torch.Tensor:
         counts = counts.to(_collective_device())
         dist.all_reduce(counts)
     return counts
+
+
+PROBE_BATCHES = 3  # val batches timed at the start, to reserve the final evaluation before any was measured
+
+
+class Evaluator:
+    """The run's evaluations of ``net`` (the EMA copy with --ema) over the val loader: timed, charged (or not) to
+    the budget, their cost recorded in the stop gate, each an ``eval`` event; and before any, a probe that reserves
+    the final one. ``evaluate_model`` is what measures (tests swap in one that ticks a fake clock)."""
+
+    def __init__(self, net: nn.Module, batches: Any, amp: torch.dtype | None, budget: Any, gate: Any, cfg: Any,
+                 metrics: Any, readout: Any, world: World, last_s: float | None = None) -> None:
+        self.net, self.batches, self.amp, self.budget, self.gate = net, batches, amp, budget, gate
+        self.cfg, self.metrics, self.readout = cfg, metrics, readout
+        self.evaluate_model = functools.partial(evaluate, world=world)
+        self.last: dict[str, float] | None = None  # this epoch's evaluation (None: not current)
+        self.last_s = last_s  # the last evaluation's seconds (kept across a resume)
+        if last_s is not None:
+            gate.record_eval(last_s)
+
+    def probe(self) -> None:
+        """Before any evaluation is measured, the end must still be reserved: time the val pipeline's build and
+        its first batches (decode, the model at the eval size, autotuning), extrapolate to the whole split, and
+        start the real evaluations from a fresh pipeline. Skipped when evaluations are not charged."""
+        if not self.gate.charge_eval or self.gate.eval_s is not None:
+            return
+        clock, batches = self.budget.clock, len(self.batches)
+        val = iter(self.batches)  # one pass, read in two parts: the first batch, then the next ones
+        start = clock()
+        first = self.evaluate_model(self.net, itertools.islice(val, 1), self.amp)
+        first_s = clock() - start
+        rest_s, rest = 0.0, min(PROBE_BATCHES - 1, batches - 1)
+        if rest > 0:
+            t = clock()
+            self.evaluate_model(self.net, itertools.islice(val, rest), self.amp)
+            rest_s = clock() - t
+        del val
+        self.batches.close()  # a partial epoch: the first real evaluation starts a new one
+        per_batch = rest_s / rest if rest > 0 else first_s
+        # the build and first batch once more: the real first evaluation rebuilds, and a partial last batch is a
+        # new shape to autotune
+        estimate = 2 * first_s + max(0, batches - 1) * per_batch
+        self.gate.estimate_eval(estimate)
+        self.metrics.run_dir.log("eval_probe", batches=1 + rest, first_batch_s=round(first_s, 4),
+                                 per_batch_s=round(per_batch, 4), estimate_s=round(estimate, 3),
+                                 images=first["images"], elapsed_s=round(self.budget.elapsed, 3))
+
+    def __call__(self, state: Any) -> dict[str, float]:
+        """Evaluate now (charged to the budget unless --budget-counts train), as an ``eval`` event."""
+        s, clock = state, self.budget.clock
+        start = clock()
+        with self.budget.uncharged(self.cfg.budget_counts == "train"):
+            result = self.evaluate_model(self.net, self.batches, self.amp)
+        eval_s = clock() - start
+        self.last, self.last_s = result, eval_s
+        if self.gate.charge_eval:
+            self.gate.record_eval(eval_s)
+        fields = dict(step=s.step, epoch=round(s.epoch + s.epoch_progress, 4), stage=s.stage,
+                      image_size=self.cfg.final_eval_size, images=result.get("images"), top1=round(result["top1"], 5),
+                      top5=round(result["top5"], 5), eval_s=round(eval_s, 3), elapsed_s=round(self.budget.elapsed, 3))
+        self.metrics.run_dir.log("eval", **fields)
+        self.readout.update(**{k: v for k, v in fields.items() if k not in ("image_size", "images")})
+        if self.readout.live:  # plain mode already printed the line
+            self.readout.message(f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  "
+                                 f"top5 {100 * result['top5']:.2f}%")
+        return result

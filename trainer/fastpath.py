@@ -94,3 +94,81 @@ def _label(path: str, value: Any) -> str:
         return f"the {value} decoder"
     return {"graph": "the captured step", "compile": "the compiled step", "eager": "the eager step"}.get(
         value, f"step {value}")
+
+
+class RunPaths(FastPaths):
+    """The fast paths of one training run: the fallbacks hooked into its step and loaders, the fused FFN checked
+    at each stage's shapes, and what ran at each stage (``stages``, for the summary)."""
+
+    def __init__(self, cfg: Any, mode: str, nets: list[Any], patch: int, dtype: Any, **kwargs: Any) -> None:
+        """``mode``: the step mode resolved from --step; ``nets``: the trained model (and its EMA copy), whose
+        FFNs say whether --fused-ffn resolved to the kernel; ``dtype``: what the FFN computes in (autocast's)."""
+        fused = any(getattr(m, "fused", False) for m in nets[0].modules())
+        super().__init__(asked={"step": cfg.step, "ffn": cfg.fused_ffn, "decoder": cfg.decoder},
+                         running={"step": mode, "ffn": fused, "decoder": None}, strict=cfg.strict_fast_paths,
+                         **kwargs)
+        self.nets, self.patch, self.dtype = nets, patch, dtype
+        self.stages: list[dict[str, Any]] = []
+
+    def cannot_run(self, note: str) -> None:
+        """A path asked for by name that cannot run on this machine at all (``--step graph`` on the CPU): loud,
+        or under --strict-fast-paths, the end."""
+        if self.strict:
+            raise FastPathError(f"{note} (--strict-fast-paths forbids it)")
+        self.events.append({"path": "step", "failed": self.asked["step"], "to": self.running["step"],
+                            "error": note, "explicit": True, **self.where()})
+        self.log("fallback", **self.events[-1])
+        self.say(f"WARNING: {note}", True)
+
+    def enter_stage(self, stage: int, image_size: int, batch: int, decoder: str | None) -> None:
+        """At a stage's entry: the fused FFN checked at its shapes, then what runs there recorded."""
+        if self.running["ffn"]:
+            self.check_ffn(image_size, batch)
+        self.running["decoder"] = decoder
+        self.stages.append({"stage": stage, "image_size": image_size, "step_mode": self.running["step"],
+                            "fused_ffn": self.running["ffn"], "decoder": decoder})
+
+    def check_ffn(self, size: int, batch: int) -> None:
+        """The fused kernels, forward and backward, once at a stage's batch, grid and dtype (the shapes Triton
+        compiles them for) against PyTorch's ops on the same input (``model.fused_ffn.self_check``): an error, or a
+        result off by more than the dtype's tolerance, and every locality FFN (the EMA copy's too) runs PyTorch's
+        ops for the rest of the run."""
+        from model import fused_ffn
+        from model.locality_vit import LocalityFeedForward, set_fused
+
+        net = self.nets[0]
+        ffn = next(m for m in net.modules() if isinstance(m, LocalityFeedForward))
+        side = size // self.patch
+        problem: BaseException | str | None = None
+        try:
+            error = fused_ffn.self_check(ffn.dwconv.weight, batch, (side, side),
+                                         getattr(net, "num_prefix_tokens", 1), self.dtype, seed=size)
+            tolerance = fused_ffn.tolerance(self.dtype)
+            if not error <= tolerance:  # NaN included
+                problem = (f"its result differs from PyTorch's ops by {error:.3g} (relative, at {size} px, "
+                           f"{str(self.dtype).removeprefix('torch.')}; tolerance {tolerance:.3g})")
+        except Exception as e:  # noqa: BLE001 - a Triton compile or launch error: reported, then passed by
+            problem = e
+        if problem is None:
+            return
+        self.fell_back("ffn", True, False, problem)
+        for module in self.nets:
+            set_fused(module, False)
+
+    def step_fell_back(self, failed: str, to: str, error: BaseException, why: str) -> None:
+        """TrainStep's fallback: recorded (or, under --strict-fast-paths, refused), then the step runs as ``to``."""
+        self.fell_back("step", failed, to, error, why)
+        if self.stages:
+            self.stages[-1]["step_mode"] = to
+
+    def decoder_fell_back(self, which: str) -> Callable[[str, str, BaseException], None]:
+        """The loaders' fallback: this stage's ``which`` pipeline decodes on the CPU."""
+
+        def fell_back(failed: str, to: str, error: BaseException) -> None:
+            self.fell_back("decoder", failed, to, error, f"the {which} pipeline at this stage; the next stage "
+                                                         "tries the GPU decoder again")
+            stage = self.where().get("stage")
+            if which == "train" and self.stages and self.stages[-1]["stage"] == stage:
+                self.stages[-1]["decoder"] = to
+
+        return fell_back

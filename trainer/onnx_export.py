@@ -18,7 +18,7 @@ def sample_batch(run: OpenedRun, size: int) -> Any:
     import torch
 
     from pipelines import DatasetError, StageLoader, open_dataset
-    from trainer.loop import stage_spec
+    from trainer.data import stage_spec
 
     try:
         _, val = open_dataset(str(run.data_root)) if run.data_root else (None, None)

@@ -11,8 +11,8 @@ import torch
 from model.flops import forward_flops
 from pipelines import Split, StageLoader
 from trainer.config import TrainConfig
+from trainer.data import stage_spec
 from trainer.hardware import peak_flops
-from trainer.loop import stage_spec
 from trainer.rundir import write_json_atomic
 from trainer.step import TrainStep, resolve_device
 

@@ -1,8 +1,13 @@
-"""Learning-rate schedules as pure functions of the budget fraction spent (or of the epoch, for comparison)."""
+"""The learning rate: every term of it in ``lr_at``, the schedules as pure functions of the budget fraction spent
+(or of the epoch, for comparison)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 SCHEDULES = ("cosine-time", "linear-time", "constant", "cosine-epochs")
 
@@ -33,3 +38,37 @@ def lr_factor(kind: str, fraction: float, *, epoch: float = 0.0, epochs: int | N
     else:
         raise ValueError(f"unknown schedule {kind!r}; choose from {', '.join(SCHEDULES)}")
     return min_ratio + (1.0 - min_ratio) * shape
+
+
+def batch_rule_lr(lr: float, global_batch: int) -> float:
+    """DeiT's rule: ``lr`` is the rate for 512 images per step, scaled linearly to the global batch."""
+    return lr * global_batch / 512
+
+
+def stage_lr(base_lr: float, batch: int, base_batch: int) -> float:
+    """Square-root scaling with the batch size, the usual rule for Adam-family optimizers (linear scaling at 16x
+    the batch diverges a ViT)."""
+    return base_lr * math.sqrt(batch / base_batch)
+
+
+def peak_lr(cfg: TrainConfig, batch: int) -> float:
+    """A stage's peak lr: the batch rule on the run's global batch (``cfg.peak_lr``), then the square-root rule for
+    a stage whose batch ``--stage-batch tokens`` grew from ``--batch-size``."""
+    return stage_lr(cfg.peak_lr, batch, cfg.batch_size)
+
+
+def lr_at(cfg: TrainConfig, batch: int, fraction: float, train_from: float = 0.0, epoch: float = 0.0) -> float:
+    """The learning rate of a step at a stage of per-process ``batch``, ``fraction`` of the budget spent. Its terms:
+
+    1. the batch rule: ``--lr`` is for 512 images, scaled to the global batch (``batch_rule_lr``);
+    2. the stage rule: times sqrt(stage batch / ``--batch-size``) (``stage_lr``);
+    3. the schedule's clock: the budget from the first training step on (``train_from``, the share spent before
+       it: imports, indexing, the first pipeline build), so start-up does not eat the warm-up;
+    4. the warm-up: linear over ``--warmup`` of that clock, then the schedule (``lr_factor``), which anneals over
+       the budget (or over ``--epochs`` for cosine-epochs, read at ``epoch``);
+    5. the floor: ``--min-lr``, as a share of the stage's peak (never above it).
+    """
+    peak = peak_lr(cfg, batch)
+    clock = (fraction - train_from) / (1.0 - train_from)
+    return peak * lr_factor(cfg.lr_schedule, clock, epoch=epoch, epochs=cfg.epochs,
+                            warmup_fraction=cfg.warmup_fraction, min_ratio=min(1.0, cfg.min_lr / peak))

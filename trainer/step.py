@@ -122,6 +122,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
                 s["step"] = s["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
+class Diverged(RuntimeError):
+    """The loss became non-finite (and no fp16 grad scaler is there to skip the step)."""
+
+
 @dataclass
 class StepTimes:
     """What the current stage's preparation cost so far (seconds of host wall time, synced at the capture)."""
@@ -405,3 +409,8 @@ class TrainStep:
     def diverged(self) -> bool:
         """Has any loss since the start been non-finite? (A host sync: call at log intervals.)"""
         return self.nonfinite is not None and bool(self.nonfinite.item())
+
+    def check_finite(self, step: int) -> None:
+        """Raise ``Diverged`` if any loss up to ``step`` was non-finite (a host sync)."""
+        if self.diverged():
+            raise Diverged(f"the loss became non-finite by step {step}")
