@@ -11,6 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,69 +49,90 @@ def _colour(rng: np.random.Generator, luma: tuple[float, float], hue: float) -> 
     return np.clip(np.array(rgb, dtype=np.float32), 0.0, 1.0)
 
 
+@dataclass
+class _Canvas:
+    """One image's pixel grid and its texture's period (px), edge gain and phase."""
+
+    x: np.ndarray
+    y: np.ndarray
+    period: float
+    gain: float  # edge sharpness, from soft sine to near-square wave
+    phase: float
+
+    def rotated(self, deg: float) -> tuple[np.ndarray, np.ndarray]:
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        return self.x * c + self.y * s, self.y * c - self.x * s
+
+    def wave(self, u: np.ndarray) -> np.ndarray:
+        return np.clip(0.5 + self.gain * np.cos(2 * np.pi * u / self.period + self.phase), 0.0, 1.0)
+
+    def cell_offset(self, u: np.ndarray) -> np.ndarray:  # signed distance to the cell centre, px
+        return ((u / self.period + self.phase) % 1.0 - 0.5) * self.period
+
+
 def _pattern(label: int, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Foreground mask in [0, 1] of shape (h, w) for the texture family ``label``."""
     short = min(h, w)
     period = max(4.0, short * rng.uniform(0.04, 0.15))
-    gain = rng.uniform(1.5, 4.0)  # edge sharpness, from soft sine to near-square wave
+    gain = rng.uniform(1.5, 4.0)
     phase = rng.uniform(0.0, 2 * np.pi)
     y, x = np.ogrid[:h, :w]
-    y, x = y.astype(np.float32), x.astype(np.float32)
-
-    def rotated(deg: float) -> tuple[np.ndarray, np.ndarray]:
-        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-        return x * c + y * s, y * c - x * s
-
-    def wave(u: np.ndarray) -> np.ndarray:
-        return np.clip(0.5 + gain * np.cos(2 * np.pi * u / period + phase), 0.0, 1.0)
-
-    def cell_offset(u: np.ndarray) -> np.ndarray:  # signed distance to the cell centre, px
-        return ((u / period + phase) % 1.0 - 0.5) * period
-
+    canvas = _Canvas(x.astype(np.float32), y.astype(np.float32), period, gain, phase)
     jitter = rng.uniform(-8.0, 8.0)
+    if label in (6, 9):
+        return _random_pattern(label, canvas, rng, h, w)
+    return _periodic_pattern(label, canvas, rng, jitter, short)
+
+
+def _periodic_pattern(label: int, c: _Canvas, rng: np.random.Generator, jitter: float, short: int) -> np.ndarray:
+    """Stripes, diagonals, checkers, dots, rings, grids and zigzags (the families but 6 and 9)."""
     if label == 0:
-        return wave(rotated(90.0 + jitter)[0])
+        return c.wave(c.rotated(90.0 + jitter)[0])
     if label == 1:
-        return wave(rotated(jitter)[0])
+        return c.wave(c.rotated(jitter)[0])
     if label == 2:
         # Both diagonal directions belong to one class so a horizontal flip keeps the label.
-        return wave(rotated(float(rng.choice([45.0, 135.0])) + jitter)[0])
+        return c.wave(c.rotated(float(rng.choice([45.0, 135.0])) + jitter)[0])
     if label == 3:
-        u, v = rotated(jitter)
-        w_u, w_v = (np.cos(2 * np.pi * a / period + phase) for a in (u, v))
-        return np.clip(0.5 + 2 * gain * w_u * w_v, 0.0, 1.0)
+        u, v = c.rotated(jitter)
+        w_u, w_v = (np.cos(2 * np.pi * a / c.period + c.phase) for a in (u, v))
+        return np.clip(0.5 + 2 * c.gain * w_u * w_v, 0.0, 1.0)
     if label == 4:
-        u, v = rotated(rng.uniform(0.0, 90.0))
-        radius = period * rng.uniform(0.2, 0.35)
-        return np.clip(radius - np.hypot(cell_offset(u), cell_offset(v)) + 0.5, 0.0, 1.0)
+        u, v = c.rotated(rng.uniform(0.0, 90.0))
+        radius = c.period * rng.uniform(0.2, 0.35)
+        return np.clip(radius - np.hypot(c.cell_offset(u), c.cell_offset(v)) + 0.5, 0.0, 1.0)
     if label == 5:
+        h, w = c.y.shape[0], c.x.shape[1]
         cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        return wave(np.hypot(x - cx, y - cy))
+        return c.wave(np.hypot(c.x - cx, c.y - cy))
+    if label == 7:
+        u, v = c.rotated(jitter)
+        half = max(1.0, c.period * rng.uniform(0.08, 0.2)) / 2
+        edge = np.minimum(0.5 * c.period - np.abs(c.cell_offset(u)), 0.5 * c.period - np.abs(c.cell_offset(v)))
+        return np.clip(half - edge + 0.5, 0.0, 1.0)
+    # label 8: stripes displaced by a triangle wave; the zig wavelength stays below ~25% of the shorter side so even
+    # a small crop contains a full zig and zag.
+    c.period = min(c.period, max(4.0, 0.1 * short))
+    u, v = c.rotated(float(rng.choice([0.0, 90.0])) + jitter)
+    zig = c.period * rng.uniform(1.5, 2.5)
+    tri = 2 * np.abs((v / zig) % 1.0 - 0.5) - 0.5
+    return c.wave(u + zig * rng.uniform(0.4, 0.7) * tri)
+
+
+def _random_pattern(label: int, c: _Canvas, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Blobs (family 6) and speckle (family 9): random fields, not periodic ones."""
     if label == 6:
-        cell = period * rng.uniform(1.0, 2.0)
+        cell = c.period * rng.uniform(1.0, 2.0)
         coarse = rng.random((int(h / cell) + 3, int(w / cell) + 3), dtype=np.float32)
         blobs = np.asarray(Image.fromarray(coarse, "F").resize((w, h), Image.BICUBIC))
         blobs = (blobs - blobs.mean()) / (blobs.std() + 1e-6)
-        return np.clip(0.5 + gain * blobs, 0.0, 1.0)
-    if label == 7:
-        u, v = rotated(jitter)
-        half = max(1.0, period * rng.uniform(0.08, 0.2)) / 2
-        edge = np.minimum(0.5 * period - np.abs(cell_offset(u)), 0.5 * period - np.abs(cell_offset(v)))
-        return np.clip(half - edge + 0.5, 0.0, 1.0)
-    if label == 8:
-        # Stripes displaced by a triangle wave; the zig wavelength stays below ~25% of
-        # the shorter side so even a small crop contains a full zig and zag.
-        period = min(period, max(4.0, 0.1 * short))
-        u, v = rotated(float(rng.choice([0.0, 90.0])) + jitter)
-        zig = period * rng.uniform(1.5, 2.5)
-        tri = 2 * np.abs((v / zig) % 1.0 - 0.5) - 0.5
-        return wave(u + zig * rng.uniform(0.4, 0.7) * tri)
-    # label 9: sparse random square specks; cells stay >= 3% of the short side so they
-    # are still visible after a whole-image crop is shrunk to 64 px.
-    cell = max(2.0, short * rng.uniform(0.03, 0.05))
+        return np.clip(0.5 + c.gain * blobs, 0.0, 1.0)
+    # label 9: sparse random square specks; cells stay >= 3% of the short side so they are still visible after a
+    # whole-image crop is shrunk to 64 px.
+    cell = max(2.0, min(h, w) * rng.uniform(0.03, 0.05))
     specks = rng.random((int(h / cell) + 2, int(w / cell) + 2)) < rng.uniform(0.12, 0.25)
     oy, ox = rng.uniform(0.0, cell, size=2)
-    return specks[((y + oy) / cell).astype(int), ((x + ox) / cell).astype(int)].astype(np.float32)
+    return specks[((c.y + oy) / cell).astype(int), ((c.x + ox) / cell).astype(int)].astype(np.float32)
 
 
 def _render(label: int, rng: np.random.Generator, min_size: int, max_size: int) -> np.ndarray:
@@ -155,6 +177,27 @@ def _is_complete(root: Path) -> bool:
         return False
 
 
+def _write_images(folder: Path, per_class: dict[str, int], min_size: int, max_size: int, grayscale_every: int,
+                  seed: int, progress: Callable[[int, int], None] | None) -> None:
+    """``folder/{train,val}/<class>/*.JPEG``: ``per_class[split]`` images of each class."""
+    total = len(CLASS_NAMES) * sum(per_class.values())
+    done = 0
+    for split_id, split in enumerate(_SPLITS):
+        for label, name in enumerate(CLASS_NAMES):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(per_class[split]):
+                # Per-image seeding makes every file independent of build order.
+                rng = np.random.default_rng([seed, split_id, label, i])
+                image = Image.fromarray(_render(label, rng, min_size, max_size))
+                flat = label * per_class[split] + i + 1
+                if grayscale_every > 0 and flat % grayscale_every == 0:
+                    image = image.convert("L")
+                image.save(folder / split / name / f"{name}_{i:05d}.JPEG", quality=JPEG_QUALITY)
+                done += 1
+                if progress is not None and (done % 100 == 0 or done == total):
+                    progress(done, total)
+
+
 def build_demo_dataset(
     root: Path,
     *,
@@ -176,35 +219,19 @@ def build_demo_dataset(
         raise FileExistsError(f"{root} exists but is not a complete demo dataset")
 
     per_class = {"train": train_per_class, "val": val_per_class}
-    total = len(CLASS_NAMES) * sum(per_class.values())
+    info = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "classes": list(CLASS_NAMES),
+        "counts": {s: n * len(CLASS_NAMES) for s, n in per_class.items()},
+        "per_class": per_class,
+        "min_size": min_size,
+        "max_size": max_size,
+        "grayscale_every": grayscale_every,
+    }
     try:
         with atomic_folder(root, overwrite=False) as tmp:
-            done = 0
-            for split_id, split in enumerate(_SPLITS):
-                for label, name in enumerate(CLASS_NAMES):
-                    folder = tmp / split / name
-                    folder.mkdir(parents=True)
-                    for i in range(per_class[split]):
-                        # Per-image seeding makes every file independent of build order.
-                        rng = np.random.default_rng([seed, split_id, label, i])
-                        image = Image.fromarray(_render(label, rng, min_size, max_size))
-                        flat = label * per_class[split] + i + 1
-                        if grayscale_every > 0 and flat % grayscale_every == 0:
-                            image = image.convert("L")
-                        image.save(folder / f"{name}_{i:05d}.JPEG", quality=JPEG_QUALITY)
-                        done += 1
-                        if progress is not None and (done % 100 == 0 or done == total):
-                            progress(done, total)
-            info = {
-                "generator_version": GENERATOR_VERSION,
-                "seed": seed,
-                "classes": list(CLASS_NAMES),
-                "counts": {s: n * len(CLASS_NAMES) for s, n in per_class.items()},
-                "per_class": per_class,
-                "min_size": min_size,
-                "max_size": max_size,
-                "grayscale_every": grayscale_every,
-            }
+            _write_images(tmp, per_class, min_size, max_size, grayscale_every, seed, progress)
             (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks completeness
     except OSError:
         if not _is_complete(root):  # otherwise a concurrent build won the race

@@ -25,7 +25,7 @@ class Split:
     files: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
-    # Pre-resized copies of this split (tools/prepare_imagenet.py --max-size 96,192,full): (the copy's largest
+    # Pre-resized copies of this split (vit-prepare --max-size 96,192,full): (the copy's largest
     # shorter side in px, the copy's folder for this split). The same relative files, smaller JPEGs.
     copies: tuple[tuple[int, Path], ...] = ()
     # Files in the split's folders that are not images DALI reads: (extension, count), most first
@@ -107,7 +107,7 @@ def index_split(root: Path, split: str, classes: tuple[str, ...] | None = None) 
 
 
 def _copies(root: Path, split: str) -> tuple[tuple[int, Path], ...]:
-    """The smaller copies that ``root/manifest.json`` (written by tools/prepare_imagenet.py) lists."""
+    """The smaller copies that ``root/manifest.json`` (written by vit-prepare) lists."""
     manifest = root / "manifest.json"
     if not manifest.is_file():
         return ()
@@ -130,8 +130,7 @@ def index_dataset(root: Path) -> tuple[Split, Split]:
     if not root.is_dir():
         raise DatasetError(f"data path is not a folder: {root}")
     if (root / ".prepare-work").is_dir() and not (root / "manifest.json").is_file():
-        raise DatasetError(f"{root} is an unfinished tools/prepare_imagenet.py output; rerun the same command to "
-                           "finish it")
+        raise DatasetError(f"{root} is an unfinished vit-prepare output; rerun the same command to finish it")
     train = index_split(root, "train")
     val = index_split(root, "val", classes=train.classes)
     return train, val

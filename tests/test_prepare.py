@@ -1,4 +1,4 @@
-"""tools/prepare_imagenet.py on a miniature ImageNet in each of the three layouts it reads."""
+"""vit-prepare (pipelines/prepare.py) on a miniature ImageNet in each of the three layouts it reads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import tools.prepare_imagenet as prep
+import pipelines.prepare as prep
 from pipelines import DatasetError, StageLoader, StageSpec, index_dataset
 from tests.mini_imagenet import (
     MiniImageNet,
@@ -155,7 +155,7 @@ def test_rerun_after_an_interruption_finishes_the_job(tmp_path, sources, monkeyp
     assert "rerun the same command" in capsys.readouterr().err
     assert not (broken / "manifest.json").exists() and not (broken / "train.txt").exists()
     assert (broken / prep.WORK / "done").is_dir()
-    with pytest.raises(DatasetError, match="unfinished tools/prepare_imagenet.py output"):
+    with pytest.raises(DatasetError, match="unfinished vit-prepare output"):
         index_dataset(broken)  # the trainer refuses half a dataset
     calls.clear()
     assert prep.main([str(src), "--out", str(broken), "--workers", "1", "--no-progress"]) == 0
@@ -204,7 +204,7 @@ def test_unsafe_val_archive_is_refused(tmp_path, spec, capsys):
     (["{src}", "--subset-classes", "9"], "only 3 classes"),
     (["{src}", "--per-class", "0"], "--per-class must be at least 1"),
     (["{src}", "--layout", "kaggle"], "the kaggle layout"),
-    (["{src}", "--out", "{foreign}"], "is not a prepare_imagenet output"),
+    (["{src}", "--out", "{foreign}"], "is not a vit-prepare output"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, sources, capsys, argv, needle):
     (tmp_path / "empty").mkdir()

@@ -1,4 +1,4 @@
-"""tools/prepare_imagenet.py on the Hub's Parquet shards (hf-parquet) and on WebDataset tars (wds).
+"""vit-prepare (pipelines/prepare.py) on the Hub's Parquet shards (hf-parquet) and on WebDataset tars (wds).
 
 Both sources are built from the same miniature ImageNet as the folder layout (tests/mini_imagenet.py: a CMYK JPEG,
 a PNG under a JPEG name, a grayscale and a truncated JPEG among them), so each preparation must equal the folder
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tools.prepare_imagenet as prep
+import pipelines.prepare as prep
 from pipelines import index_dataset
 from tests.mini_imagenet import MiniImageNet, make_mini_imagenet, write_folder
 

@@ -1,4 +1,4 @@
-"""tools/report.py: the table and figures made from run directories with known metrics."""
+"""vit-report (trainer/report.py): the table and figures made from run directories with known metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import report  # noqa: E402
+from trainer import report
 
 pytest.importorskip("matplotlib")
 

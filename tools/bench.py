@@ -27,7 +27,7 @@
         The train pipeline at 32 and 64 px reading ImageNet-sized JPEGs (375-500 px sides) vs reading the smallest
         pre-resized copy whose shorter side is at least source-ratio x the stage size: what --max-size saves.
     python tools/bench.py prepare [--workers 2] [--repeats 3] [--max-sizes full 256 64,128,full]
-        tools/prepare_imagenet.py on ImageNet-sized JPEGs: images/s and bytes written per --max-size.
+        vit-prepare on ImageNet-sized JPEGs: images/s and bytes written per --max-size.
 """
 
 from __future__ import annotations
@@ -539,11 +539,11 @@ def _imagenet_sized(root: Path, per_class: int) -> Path:
 
 
 def _prepared(src: Path, out: Path, max_size: str, workers: int) -> Path:
-    """``src`` through tools/prepare_imagenet.py (reused if already there)."""
-    from tools import prepare_imagenet
+    """``src`` through vit-prepare (reused if already there)."""
+    from pipelines import prepare
 
-    code = prepare_imagenet.main([str(src), "--out", str(out), "--max-size", max_size, "--workers", str(workers),
-                                  "--no-progress"])
+    code = prepare.main([str(src), "--out", str(out), "--max-size", max_size, "--workers", str(workers),
+                         "--no-progress"])
     if code:
         raise SystemExit(f"bench: preparing {out} failed with exit code {code}")
     return out
@@ -589,7 +589,7 @@ def bench_small_images(args: argparse.Namespace) -> None:
 
 
 def bench_prepare(args: argparse.Namespace) -> None:
-    """tools/prepare_imagenet.py on ImageNet-sized JPEGs (folder layout): images/s and bytes written."""
+    """vit-prepare on ImageNet-sized JPEGs (folder layout): images/s and bytes written."""
     import tempfile
 
     src = _imagenet_sized(Path(args.cache) / "full", args.per_class)
@@ -701,7 +701,7 @@ def main() -> int:
     si.add_argument("--batch-size", type=int, default=64)
     si.add_argument("--batches", type=int, default=8)
     si.add_argument("--repeats", type=int, default=3)
-    pr = sub.add_parser("prepare", help="tools/prepare_imagenet.py throughput, with and without --max-size")
+    pr = sub.add_parser("prepare", help="vit-prepare throughput, with and without --max-size")
     pr.add_argument("--max-sizes", nargs="+", default=["full", "256", "64,128,full"])
     pr.add_argument("--per-class", type=int, default=64, help="train images per class (10 classes)")
     pr.add_argument("--cache", default=si.get_default("cache"))

@@ -20,7 +20,7 @@ the locality ViT-S (--model), bf16, a 1000-class head and batch 64 (--batch-size
                    the fused FFN and the GPU decoder work on this card, and each next to its fallback; its table is
                    printed before the timings' table
   tokens rows      --stage-batch tokens batches at 32 and 64 px, reading the pre-resized copies that
-                   tools/prepare_imagenet.py --max-size 64,128,full makes of the data (once, into DIR/demo-prepared):
+                   vit-prepare --max-size 64,128,full makes of the data (once, into DIR/demo-prepared):
                    pipeline alone, captured step alone, full loop, data wait
   trainer runs     python -m trainer --preset paper-ours --curriculum 32:32:1 --budget 100s --step graph, then
                    --step eager, then the eager run under `torchrun --standalone --nproc-per-node 1` (a process group
@@ -243,19 +243,19 @@ def size_row(check: Check, size: int, steps: dict[str, TrainStep]) -> dict[str, 
 
 
 def prepared_copies(check: Check, data: Path) -> Path:
-    """``data`` itself when it has pre-resized copies, else its copies made once by tools/prepare_imagenet.py
+    """``data`` itself when it has pre-resized copies, else its copies made once by vit-prepare
     (a rerun finds the manifest and does nothing)."""
     if check.train.copies:
         return data
-    from tools import prepare_imagenet
+    from pipelines import prepare
 
     out = check.args.out / "demo-prepared"
     workers = check.args.workers or os.cpu_count() or 1
     start = time.monotonic()
-    code = prepare_imagenet.main([str(data), "--out", str(out), "--max-size", COPIES, "--workers", str(workers),
-                                  "--no-progress"])
+    code = prepare.main([str(data), "--out", str(out), "--max-size", COPIES, "--workers", str(workers),
+                         "--no-progress"])
     if code:
-        raise RuntimeError(f"tools/prepare_imagenet.py {data} --out {out} --max-size {COPIES} exited {code}")
+        raise RuntimeError(f"vit-prepare {data} --out {out} --max-size {COPIES} exited {code}")
     check.report["prepare_s"] = round(time.monotonic() - start, 1)
     return out
 
