@@ -1,8 +1,6 @@
 """A miniature ImageNet in three source layouts, for testing the dataset preparation tool.
 
-Plain helper module (no fixtures). tests/ is a package, so import it as ``from tests.mini_imagenet import ...``;
-it only imports numpy, Pillow, scipy and the stdlib, so ``from mini_imagenet import ...`` also works when tests/
-itself is on sys.path.
+Plain helper module (no fixtures), imported as ``from tests.mini_imagenet import ...`` (tests/ is a package).
 
 ``make_mini_imagenet()`` returns a ``MiniImageNet`` holding every file's bytes plus the facts a prepared copy must
 show; ``write_ilsvrc`` / ``write_kaggle`` / ``write_folder`` lay the same files out as the official ILSVRC2012 tars,

@@ -42,13 +42,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset  # noqa: E402
-from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
-from trainer.profile import time_batches  # noqa: E402
+from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset
+from pipelines.demo_dataset import ensure_demo_dataset
+from trainer.profile import time_batches
 
 CPU = torch.device("cpu")
 

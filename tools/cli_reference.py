@@ -11,9 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.config import DEMO_LAYER, _default, _flag_fields, build_parser, flag_name  # noqa: E402
+from trainer.config import DEMO_LAYER, _default, _flag_fields, build_parser, flag_name
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 # The rules around the flags, after the table (hand-written: they are not in any one flag's declaration)

@@ -55,22 +55,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nvidia.dali
+import timm
+import torch
+
+from pipelines import Split, StageLoader, StageSpec, index_dataset
+from pipelines.demo_dataset import ensure_demo_dataset
+from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, parse_args
+from trainer.curriculum import stage_batch_size
+from trainer.loop import stage_spec
+from trainer.profile import time_batches
+from trainer.rundir import write_json_atomic
+from trainer.step import TrainStep, resolve_amp, resolve_step_mode
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import nvidia.dali  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-from pipelines import Split, StageLoader, StageSpec, index_dataset  # noqa: E402
-from pipelines.demo_dataset import ensure_demo_dataset  # noqa: E402
-from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, parse_args  # noqa: E402
-from trainer.curriculum import stage_batch_size  # noqa: E402
-from trainer.loop import stage_spec  # noqa: E402
-from trainer.profile import time_batches  # noqa: E402
-from trainer.rundir import write_json_atomic  # noqa: E402
-from trainer.step import TrainStep, resolve_amp, resolve_step_mode  # noqa: E402
-
 DEIT = "deit_small_patch16_224"
 RANDAUG = (2, 27)  # ops per image, magnitude on DALI's 0..30 scale: timm's m9, the paper's recipe
 TOKENS_SIZES = (32, 64)

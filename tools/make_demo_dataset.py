@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-# Lets the script run from a checkout without the package being installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-from pipelines.demo_dataset import INFO_NAME, build_demo_dataset, default_demo_root  # noqa: E402
+from pipelines.demo_dataset import INFO_NAME, build_demo_dataset, default_demo_root
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from model import MODELS, build_model  # noqa: E402
-from model.flops import forward_flops  # noqa: E402
+from model import MODELS, build_model
+from model.flops import forward_flops
 
 SIZES = (32, 64, 128, 224)
 ROLE = {
