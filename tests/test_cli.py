@@ -1,4 +1,6 @@
-"""vit-train end to end: bad input is refused with one line and exit code 2; a tiny run learns and stops on time."""
+"""vit-train end to end, in this process: bad input is refused with one line and exit code 2 and writes nothing;
+runs on the colour set (on the fake clock of conftest.FakeTime, so every budget decision is exact) learn, stop at
+the last step that fits, cross stages, and end on a corrupt image or a divergence with one line and their files."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def _refused(capsys, argv: list[str], out: Path, needle: str) -> None:
     ids=["missing", "empty", "no-class-folders", "no-images"],
 )
 def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
+    """A missing, empty or image-less data folder: exit 2, one stderr line naming the problem, no run folder."""
     root = tmp_path / "data"
     root.mkdir()
     data = make(root)
@@ -57,10 +60,12 @@ def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, colour_dataset, flags, needle):
+    """Each bad flag value: exit 2, one stderr line naming the flag, no run folder."""
     _refused(capsys, ["--data", str(colour_dataset), *flags], tmp_path / "run", needle)
 
 
 def test_console_script_exit_code_is_2(tmp_path):
+    """`python -m trainer` in its own process exits 2 with exactly the one error line on stderr."""
     proc = subprocess.run([sys.executable, "-m", "trainer", "--data", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "run")], capture_output=True, text=True)
     assert proc.returncode == 2
@@ -68,7 +73,9 @@ def test_console_script_exit_code_is_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
+def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset, fake_time):
+    """A 20-s run of 1-s steps: it learns the colours, stops at the last step that leaves the reserved end (the
+    measured evaluation x 1.2 + 1 s), evaluates inside the budget, and writes config, metrics and summary."""
     out = tmp_path / "run"
     budget = 20.0
     assert main(["--data", str(colour_dataset), *TINY, "--budget", f"{budget:.0f}s", "--out", str(out),
@@ -76,9 +83,9 @@ def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "budget"
     assert summary["top1"] >= 0.75  # 3 classes: chance is 1/3
-    assert budget - 4 <= summary["train_s"] <= budget  # training stopped near the budget, leaving the reserve
-    # the final evaluation lands in the reserve; slack for a loaded CI machine (precision figures: docs/benchmarks.md)
-    assert summary["elapsed_s"] <= budget + 2
+    reserve = 0.1 * 1.2 + 1.0  # the measured evaluation (one val batch of 0.1 s) x 1.2, and the 1-s margin
+    assert summary["train_s"] + reserve <= budget < summary["train_s"] + 1.0 + reserve  # no step more, none less
+    assert summary["elapsed_s"] == pytest.approx(summary["train_s"] + 0.1)  # the final evaluation, in the reserve
     assert summary["images_seen"] == summary["steps"] * 8
     config = json.loads((out / "config.json").read_text())
     assert config["budget_s"] == budget and config["model"] == "vit_local_test_patch16"
@@ -98,7 +105,9 @@ def test_tiny_run_learns_and_stops_at_its_budget(tmp_path, colour_dataset):
     assert train[-1]["lr"] < 0.5 * train[0]["lr"]  # cosine-time: the lr has annealed by the end of the budget
 
 
-def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys):
+def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys, fake_time):
+    """A truncated JPEG in train/: exit 1, one stderr line naming the file and the prepare tool, summary.json
+    with stop_reason error, and metrics.jsonl from its start event to an error event."""
     data = make_colour_dataset(tmp_path / "data", train_per_class=6, val_per_class=1)
     good = data / "train" / "a_red" / "a_red_0.JPEG"
     bad = data / "train" / "a_red" / "a_red_truncated.JPEG"
@@ -115,6 +124,7 @@ def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys):
 
 
 def test_run_directory_must_be_new(tmp_path, capsys, colour_dataset):
+    """--out holding files but no checkpoint: exit 2, "not empty"."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
@@ -122,7 +132,9 @@ def test_run_directory_must_be_new(tmp_path, capsys, colour_dataset):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_run_across_stages_keeps_training_and_evaluates_at_the_final_size(tmp_path, colour_dataset):
+def test_run_across_stages_keeps_training_and_evaluates_at_the_final_size(tmp_path, colour_dataset, fake_time):
+    """32:16:2 to 64 px in a 20-s budget of 1-s steps: stages enter at epochs 0, 2 and 4, losses stay finite,
+    every evaluation is at the final 64 px, and the run learns."""
     out = tmp_path / "run"
     argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--batch-size", "8", "--workers", "1",
             "--curriculum", "32:16:2", "--image-size", "64", "--budget", "20s", "--out", str(out), "--log-every", "1"]
@@ -141,7 +153,9 @@ def test_run_across_stages_keeps_training_and_evaluates_at_the_final_size(tmp_pa
     assert summary["top1"] >= 0.75  # 3 classes
 
 
-def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, capsys, colour_dataset):
+def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, capsys, colour_dataset, fake_time):
+    """--lr 1e6: the first metrics line after the loss turns non-finite ends the run (exit 1) with one line naming
+    the last good checkpoint and --lr, stop_reason diverged, long before the 30-s budget (1-s steps)."""
     out = tmp_path / "run"
     argv = ["--data", str(colour_dataset), *TINY, "--budget", "30s", "--out", str(out), "--lr", "1e6",
             "--log-every", "0.5", "--label-smoothing", "0"]
@@ -150,10 +164,12 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, c
     assert "non-finite" in err and "ckpt-" in err and "--lr" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "diverged"
-    assert summary["elapsed_s"] < 25  # stopped, not trained on to the budget
+    assert summary["elapsed_s"] <= 5  # stopped within a few steps, not trained on to the budget
 
 
-def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset):
+def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset, fake_time):
+    """The same command again after a run finished its budget: exit 2, "already finished"; --resume of a folder
+    that is no run: exit 2."""
     out = tmp_path / "run"
     argv = ["--data", str(colour_dataset), *TINY, "--budget", "4s", "--out", str(out)]
     assert main(argv) == 0
@@ -165,6 +181,8 @@ def test_a_finished_run_is_not_resumed(tmp_path, capsys, colour_dataset):
 
 
 def test_profile_mode_writes_its_table_json_and_trace(tmp_path, capsys, colour_dataset):
+    """--profile (no training, no budget): a row per stage size with positive rates, a bound and advice, and a
+    Chrome trace that opens."""
     out = tmp_path / "prof"
     argv = ["--data", str(colour_dataset), "--model", "vit_local_test_patch16", "--batch-size", "8", "--workers", "1",
             "--image-size", "48", "--curriculum", "32:16:1", "--profile", "--profile-steps", "2", "--out", str(out),
@@ -182,7 +200,9 @@ def test_profile_mode_writes_its_table_json_and_trace(tmp_path, capsys, colour_d
     assert json.loads((out / "config.json").read_text())["profile"] is True
 
 
-def test_files_that_are_not_images_are_counted_at_start(tmp_path, capsys):
+def test_files_that_are_not_images_are_counted_at_start(tmp_path, capsys, fake_time):
+    """A .csv in train/ and a .pdf in val/: one stderr line per split counting them, and the start event's
+    skipped_files; the run still finishes (exit 0)."""
     data = make_colour_dataset(tmp_path / "data", train_per_class=4, val_per_class=1)
     (data / "train" / "a_red" / "labels.csv").write_text("x")
     (data / "val" / "c_blue" / "scan.pdf").write_text("x")

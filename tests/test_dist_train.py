@@ -1,7 +1,10 @@
 """vit-train data-parallel on the CPU: two gloo processes (as torchrun starts them) train one run together.
 
 Each rank runs the real CLI in its own process; a small hook records what its Trainer ended with (step, weights,
-its reader's shard), so the test can compare the ranks. Timeouts make a hang fail instead of blocking CI.
+its reader's shard), so the test can compare the ranks. Runs that end at their budget do so on each rank's fake
+clock (conftest.FakeTime: every rank's steps cost the same fake time, rank 0's decides), so where they stop and which
+stages they reach is the same on a loaded machine; the SIGTERM test's ranks run on the real clock, with a budget far
+longer than its wait. Timeouts make a hang fail instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ TINY = ["--model", "vit_local_test_patch16", "--image-size", "32", "--batch-size
         "--log-every", "1"]
 
 
-def _rank_main(rank: int, port: int, argv: list[str], work: str) -> None:
-    """One rank: torchrun's variables, one thread, its own working folder and output files, then the CLI."""
+def _rank_main(rank: int, port: int, argv: list[str], work: str, step_s: float | None) -> None:
+    """One rank: torchrun's variables, one thread, its own working folder and output files, then the CLI (on a fake
+    clock charging ``step_s`` a step, if given)."""
     import torch
 
     torch.set_num_threads(1)
@@ -49,6 +53,10 @@ def _rank_main(rank: int, port: int, argv: list[str], work: str) -> None:
                           weights=[float(p.double().sum()) for p in self.net.parameters()])
 
     loop.Trainer.run = recorded_run  # type: ignore[method-assign]
+    if step_s is not None:
+        from tests.conftest import FakeTime, run_on_fake_time
+
+        run_on_fake_time(setattr, FakeTime(step_s=step_s))
     record["code"] = cli.main(argv)
     Path(work, f"rank{rank}.json").write_text(json.dumps(record))
 
@@ -65,10 +73,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(argv: list[str], work: Path):
+def _launch(argv: list[str], work: Path, step_s: float | None = None):
     for rank in range(2):
         (work / f"cwd{rank}").mkdir(parents=True, exist_ok=True)
-    return mp.start_processes(_rank_main, args=(_free_port(), argv, str(work)), nprocs=2, join=False,
+    return mp.start_processes(_rank_main, args=(_free_port(), argv, str(work), step_s), nprocs=2, join=False,
                               start_method="spawn")
 
 
@@ -98,12 +106,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, data, monkeypatch):
+    """Two gloo ranks, 16:16:2, a 20-s budget of 0.25-s steps: both stop at the same step with the same weights and
+    lr, each read its own half, the stage change at epoch 2 was entered together, each val image was evaluated once,
+    and only rank 0 wrote, printed or tracked anything."""
     out = tmp_path / "run"
     track = ["--track", "tensorboard,mlflow"] if _installed("tensorboard", "mlflow") else []
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, beside the run directory
     # a stage change on the way (16 then 32 px): the ranks enter it together and DDP is rebuilt around the model
     ctx = _launch(["--data", str(data), *TINY, "--curriculum", "16:16:2", "--budget", "20s", "--out", str(out),
-                   *track], tmp_path)
+                   *track], tmp_path, step_s=0.25)
     _join(ctx)
     ranks = _results(tmp_path)
     assert [r["code"] for r in ranks] == [0, 0]
@@ -114,7 +125,9 @@ def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, d
     assert summary["stop_reason"] == "budget" and summary["world_size"] == 2 and summary["global_batch"] == 4
     assert summary["stages_reached"] == 2 and summary["image_size"] == 32
     assert summary["steps"] == ranks[0]["step"] and summary["images_seen"] == 4 * summary["steps"]
-    assert summary["elapsed_s"] <= 20 + 2
+    assert summary["elapsed_s"] <= 20
+    assert [(e["stage"], e["epoch"], e["image_size"]) for e in _events(out) if e["event"] == "stage"] == [
+        (0, 0, 16), (1, 2, 32)]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch"] == 4
     assert config["peak_lr"] == pytest.approx(config["lr"] * 4 / 512)  # the lr rule reads the global batch
@@ -137,9 +150,13 @@ def test_two_processes_train_one_run_and_stop_together_at_the_budget(tmp_path, d
             [e for e in events if e["event"] == "train"])
 
 
-def test_a_sigterm_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path, data, capsys):
+def test_a_sigterm_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process(tmp_path, data, capsys,
+                                                                                    fake_time):
+    """SIGTERM to rank 1 alone, 10 s into a run (real clock, 60-s budget): both ranks exit 128+15 at the same step,
+    rank 0 writes the stopped summary and a checkpoint of that step; `--resume` in this one process (fake clock)
+    finishes the budget from it, counting its images, and restarts a part-done epoch from its beginning."""
     out = tmp_path / "run"
-    ctx = _launch(["--data", str(data), *TINY, "--budget", "30s", "--out", str(out)], tmp_path)
+    ctx = _launch(["--data", str(data), *TINY, "--budget", "60s", "--out", str(out)], tmp_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # a few seconds into training, signal rank 1 alone
         events = _events(out) if (out / "metrics.jsonl").exists() else []
@@ -175,12 +192,14 @@ def test_a_sigterm_to_one_rank_stops_both_and_the_checkpoint_resumes_in_one_proc
 
 
 def test_two_processes_train_from_webdataset_shards(tmp_path, data, monkeypatch):
+    """Two gloo ranks on WebDataset shards (a 15-s budget of 0.25-s steps): the same steps and weights, disjoint
+    halves, and each val image evaluated once."""
     from tests.test_wds import write_shards
 
     monkeypatch.setenv("VITBUDGET_CACHE", str(tmp_path / "cache"))  # the ranks inherit it: one index cache
     shards = write_shards(data, tmp_path / "shards")
     out = tmp_path / "run"
-    _join(_launch(["--data", f"wds:{shards}", *TINY, "--budget", "15s", "--out", str(out)], tmp_path))
+    _join(_launch(["--data", f"wds:{shards}", *TINY, "--budget", "15s", "--out", str(out)], tmp_path, step_s=0.25))
     ranks = _results(tmp_path)
     assert [r["code"] for r in ranks] == [0, 0]
     assert ranks[0]["step"] == ranks[1]["step"] > 0 and [r["shard"] for r in ranks] == [[0, 2], [1, 2]]

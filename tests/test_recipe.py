@@ -28,11 +28,13 @@ PRESETS = {
 
 
 def test_every_preset_file_is_in_the_table():
+    """The presets folder and this file's table name the same presets."""
     assert sorted(PRESETS) == preset_names()
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_resolves_to_its_documented_config(name):
+    """Each preset sets exactly the recipe values in the table, and reports no overrides."""
     cfg = parse_args(["--data", "/data/imagenet", "--preset", name])
     for key, value in PRESETS[name].items():
         assert getattr(cfg, key) == value, key
@@ -40,6 +42,7 @@ def test_preset_resolves_to_its_documented_config(name):
 
 
 def test_flags_override_a_preset_and_are_reported():
+    """A flag given with --preset wins, and each override is listed with the preset's own value."""
     cfg = parse_args(["--data", "demo", "--preset", "paper-ours", "--budget", "3m", "--image-size", "64"])
     assert cfg.budget_s == 180 and cfg.image_size == 64 and cfg.model == "vit_local_small_patch16"
     assert cfg.preset_overrides == ["--budget 3m (preset: 24h)", "--image-size 64 (preset: 224)"]
@@ -51,6 +54,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 def test_effective_lr_is_base_times_batch_over_512():
+    """peak_lr = --lr x batch / 512 (DeiT's rule)."""
     assert parse_args(["--data", "x", "--lr", "1e-3", "--batch-size", "64"]).peak_lr == pytest.approx(1.25e-4)
     assert parse_args(["--data", "x", "--lr", "1e-3", "--batch-size", "1024"]).peak_lr == pytest.approx(2e-3)
     assert parse_args(["--data", "demo"]).peak_lr == pytest.approx(1e-3)  # the demo's lr 8e-3 at batch 64
@@ -74,6 +78,7 @@ def _colour_distance(images: torch.Tensor, labels: torch.Tensor, classes: tuple[
 
 
 def test_randaugment_runs_on_the_cpu_and_changes_images(colour_dataset):
+    """DALI's RandAugment on the CPU: plain crops keep each image's colour, RandAugment moves at least 3 of 24."""
     train, _ = index_dataset(colour_dataset)
     distances = {}
     for ra in (None, (2, 27)):
@@ -86,6 +91,8 @@ def test_randaugment_runs_on_the_cpu_and_changes_images(colour_dataset):
 
 
 def test_mixup_cutmix_targets_are_distributions_and_smoothing_matches_when_off():
+    """Mixed targets sum to 1 per image; without mixing, images and labels pass unchanged and the loss smooths
+    labels as the unmixed soft target would (0.9 + 0.1/10 on the label)."""
     cfg = parse_args(["--data", "x", "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1"])
     augment = BatchAugment(cfg, num_classes=10, device=torch.device("cpu"))
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
@@ -104,6 +111,7 @@ def test_mixup_cutmix_targets_are_distributions_and_smoothing_matches_when_off()
 
 
 def test_random_erasing_touches_about_its_probability_of_images():
+    """--reprob 0.25 erases something in 15-35% of 400 images."""
     cfg = parse_args(["--data", "x", "--reprob", "0.25"])
     augment = BatchAugment(cfg, num_classes=10, device=torch.device("cpu"))
     torch.manual_seed(0)
@@ -114,6 +122,7 @@ def test_random_erasing_touches_about_its_probability_of_images():
 
 
 def test_uncharged_time_is_not_counted():
+    """Time inside budget.uncharged(True) is not in elapsed; inside uncharged(False) it is."""
     from trainer.budget import Budget
 
     now = [0.0]
@@ -128,6 +137,7 @@ def test_uncharged_time_is_not_counted():
 
 
 def test_list_presets_prints_one_line_each(capsys):
+    """--list-presets: exit 0, one line per preset, in the presets' order."""
     from trainer.cli import main
 
     assert main(["--list-presets"]) == 0
@@ -135,7 +145,9 @@ def test_list_presets_prints_one_line_each(capsys):
     assert [line.split()[0] for line in lines] == preset_names()
 
 
-def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, colour_dataset):
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, colour_dataset, fake_time):
+    """--ema 0.9 with DeiT's augmentations, an 8-s run of 1-s steps: the checkpoint holds an EMA copy of every
+    weight, averaged (not the model's), and model.safetensors is that copy."""
     from trainer.checkpoint import list_checkpoints, load_checkpoint
     from trainer.cli import main
 

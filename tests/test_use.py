@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_colour_dataset
+from tests.conftest import FakeTime, make_colour_dataset, run_on_fake_time
 from trainer.cli import main as train_main
 from trainer.commands import eval_main, export_main, predict_main
 from trainer.use import open_run
@@ -33,8 +33,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """A finished run: 6 s of 1-s steps on the fake clock (conftest.FakeTime)."""
     out = tmp_path_factory.mktemp("use-runs") / "run"
-    assert train_main(["--data", str(data), *TINY, "--budget", "6s", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        run_on_fake_time(mp.setattr, FakeTime())
+        assert train_main(["--data", str(data), *TINY, "--budget", "6s", "--out", str(out)]) == 0
     return out
 
 
@@ -116,12 +119,14 @@ def test_the_onnx_file_computes_what_pytorch_does(run, tmp_path, size, capsys):
 
 
 def test_an_unfinished_run_evaluates_from_its_checkpoint(data, tmp_path):
+    """A run SIGKILLed (in its own process, long before its budget) after its first checkpoint: vit-eval evaluates
+    the newest checkpoint, every val image."""
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--data", str(data), *TINY, "--budget", "60s",
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--data", str(data), *TINY, "--budget", "300s",
                              "--ckpt-every", "1s", "--out", str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not list((out / "checkpoints").glob("ckpt-*.pt")) or not (out / "metrics.jsonl").exists() or \
                 '"event": "checkpoint"' not in (out / "metrics.jsonl").read_text():
             assert time.monotonic() < deadline and proc.poll() is None
