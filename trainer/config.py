@@ -14,7 +14,6 @@ from model import ACTIVATIONS, LOCALITY_MODELS, MODELS
 from trainer.curriculum import CurriculumPlan, PlanError
 from trainer.presets import PresetError, load_preset, preset_path
 from trainer.schedule import SCHEDULES
-from trainer.track import TOOLS, TrackError, check_installed, parse_track
 
 PATCH_SIZE = 16
 DEMO = "demo"
@@ -97,11 +96,32 @@ def _warmup(value: Any) -> str:
     return format_duration(_parse_duration("--warmup", text))
 
 
+TRACK_EXTRA = 'pip install -e ".[track]"'
+TOOLS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # --track name -> the module it needs
+
+
 def _track(value: Any) -> str | None:
-    try:
-        return parse_track(value)
-    except TrackError as e:
-        raise ConfigError(str(e)) from None
+    """'tensorboard, mlflow' -> 'tensorboard,mlflow' (each known, once, in the order given); '' or 'none' -> None."""
+    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
+    if not names or names == ["none"]:
+        return None
+    for name in names:
+        if name not in TOOLS:
+            raise ConfigError(f"--track: unknown tool {name!r} (choose from {', '.join(TOOLS)})")
+    return ",".join(dict.fromkeys(names))
+
+
+def _check_installed(track: str | None) -> None:
+    """Each --track tool's package is importable (found, not imported: the check stays cheap)."""
+    import importlib.util
+
+    for name in track.split(",") if track else []:
+        try:
+            found = importlib.util.find_spec(TOOLS[name]) is not None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, a broken parent package
+            found = False
+        if not found:
+            raise ConfigError(f"--track {name}: the {TOOLS[name]} package is not installed ({TRACK_EXTRA})")
 
 
 def _sizes(value: Any) -> str | None:
@@ -400,6 +420,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
+    """Every flag's value, alone and with the others: the first that cannot be used raises a one-line ConfigError."""
+    _check_sizes_and_plan(cfg)
+    _check_optimizer(cfg)
+    _check_augmentation(cfg)
+    _check_run(cfg)
+    _check_device(cfg)
+
+
+def _check_sizes_and_plan(cfg: TrainConfig) -> None:
     if cfg.image_size <= 0 or cfg.image_size % PATCH_SIZE:
         raise ConfigError(
             f"--image-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.image_size}"
@@ -412,6 +441,12 @@ def _check(cfg: TrainConfig) -> None:
         cfg.plan()
     except PlanError as e:
         raise ConfigError(str(e)) from None
+    for size in cfg.profile_size_list():
+        if size <= 0 or size % PATCH_SIZE:
+            raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
     for flag, value in (("--batch-size", cfg.batch_size), ("--lr", cfg.lr), ("--max-batch", cfg.max_batch)):
         if not value > 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
@@ -429,11 +464,14 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--min-lr must lie in [0, the peak lr {cfg.peak_lr:g}], got {cfg.min_lr}")
     if cfg.warmup_fraction >= 1:
         raise ConfigError(f"--warmup ({cfg.warmup}) must be shorter than --budget ({format_duration(cfg.budget_s)})")
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")
+
+
+def _check_augmentation(cfg: TrainConfig) -> None:
     if cfg.act != "hswish" and cfg.model not in LOCALITY_MODELS:
         raise ConfigError(f"--act {cfg.act} applies to the locality models ({', '.join(LOCALITY_MODELS)}), "
                           f"not {cfg.model}")
-    if not cfg.log_every_s > 0:
-        raise ConfigError(f"--log-every must be positive, got {cfg.log_every_s}")
     if not 0 <= cfg.randaug <= 10 or cfg.randaug_n < 1:
         raise ConfigError(
             f"--randaug must lie in 0..10 and --randaug-n be positive, got {cfg.randaug}, {cfg.randaug_n}")
@@ -451,24 +489,25 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.source_ratio < 1:
         raise ConfigError(f"--source-ratio must be at least 1 (a copy smaller than the stage would be upsampled), "
                           f"got {cfg.source_ratio}")
+
+
+def _check_run(cfg: TrainConfig) -> None:
+    if not cfg.log_every_s > 0:
+        raise ConfigError(f"--log-every must be positive, got {cfg.log_every_s}")
     if cfg.profile_steps < 1:
         raise ConfigError(f"--profile-steps must be positive, got {cfg.profile_steps}")
-    for size in cfg.profile_size_list():
-        if size <= 0 or size % PATCH_SIZE:
-            raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
-    try:
-        check_installed(cfg.track)
-    except TrackError as e:
-        raise ConfigError(str(e)) from None
+    _check_installed(cfg.track)
     if not cfg.track_project.strip():
         raise ConfigError("--track-project must not be empty")
-    if not 0 <= cfg.ema < 1:
-        raise ConfigError(f"--ema must lie in [0, 1), got {cfg.ema}")
+    if cfg.check_gpu and cfg.profile:
+        raise ConfigError("--check-gpu and --profile are two different runs: give one of them")
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    """The flags that need CUDA or Triton, against this machine (torch imported only for them)."""
     if cfg.fused_ffn == "on" and (cfg.model not in LOCALITY_MODELS or cfg.act != "hswish"):
         raise ConfigError(f"--fused-ffn on: the fused kernel is the h-swish locality FFN's; {cfg.model} with --act "
                           f"{cfg.act} has none (use auto or off)")
-    if cfg.check_gpu and cfg.profile:
-        raise ConfigError("--check-gpu and --profile are two different runs: give one of them")
     if cfg.device == "cuda" or cfg.fused_ffn == "on" or cfg.decoder == "mixed":
         import torch  # only here: every other check runs before the heavy imports
 
