@@ -1,4 +1,4 @@
-"""Flag parsing and the budget clock."""
+"""Flag parsing, presets and the CLI page; the Budget's reserved end."""
 
 from __future__ import annotations
 
@@ -11,23 +11,27 @@ from trainer.config import DEMO_LAYER, ConfigError, parse_args, parse_budget
 @pytest.mark.parametrize(("text", "seconds"), [("24h", 86400), ("90m", 5400), ("3m", 180), ("45s", 45),
                                                ("1h30m", 5400), ("600", 600), ("1.5h", 5400), ("1d", 86400)])
 def test_budget_forms(text, seconds):
+    """Each --budget form parses to its seconds."""
     assert parse_budget(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "soon", "3 minutes", "0", "-5m", "m", "3m3"])
 def test_bad_budgets_are_refused(text):
+    """Empty, zero, negative, unitless words and trailing garbage raise a ConfigError naming --budget."""
     with pytest.raises(ConfigError, match="--budget"):
         parse_budget(text)
 
 
 def test_demo_gets_cpu_sized_data_defaults_unless_overridden():
+    """--data demo gets the demo's model and image size, a folder the full-size defaults; a flag overrides both."""
     demo = parse_args(["--data", "demo"])
     assert (demo.model, demo.image_size) == (DEMO_LAYER["model"], DEMO_LAYER["image_size"])
     full = parse_args(["--data", "/some/imagenet"])
     assert (full.model, full.image_size, full.batch_size) == ("vit_local_small_patch16", 224, 64)
     assert full.plan().stages()[-1].image_size == 224
     assert parse_args(["--data", "demo", "--image-size", "128"]).image_size == 128
-    assert parse_args(["--data", "demo", "--no-curriculum"]).plan().size_at(0) == DEMO_LAYER["image_size"]
+    fixed = parse_args(["--data", "demo", "--no-curriculum"]).plan().stages()
+    assert [s.image_size for s in fixed] == [DEMO_LAYER["image_size"]]
 
 
 def test_one_default_recipe_for_the_demo_and_any_folder():
@@ -40,6 +44,7 @@ def test_one_default_recipe_for_the_demo_and_any_folder():
 
 
 def test_the_auto_curriculum_is_placed_in_time_on_cuda_and_fixed_on_the_cpu():
+    """--curriculum auto resolves once, at parse time: the time-placed default on CUDA, none on the CPU."""
     from trainer.config import DEFAULT_CURRICULUM, auto_curriculum
 
     assert auto_curriculum("cuda") == DEFAULT_CURRICULUM and auto_curriculum("cpu") is None
@@ -53,6 +58,7 @@ def test_the_auto_curriculum_is_placed_in_time_on_cuda_and_fixed_on_the_cpu():
 @pytest.mark.parametrize("name", ["paper-ours", "paper-ours-fixed-size", "paper-ours-gelu", "paper-deit-s",
                                   "paper-localvit-s"])
 def test_paper_presets_pin_their_recipe_so_the_defaults_never_leak_in(name):
+    """Each paper preset sets every recipe key itself: no warm-up, DeiT's peak lr at batch 64."""
     from trainer.presets import load_preset
 
     preset = load_preset(name)
@@ -66,33 +72,25 @@ def test_paper_presets_pin_their_recipe_so_the_defaults_never_leak_in(name):
                                                              ("none", "0", 0.0), ("6m", "6m", 0.1),
                                                              ("360", "6m", 0.1), ("2.5%", "2.5%", 0.025)])
 def test_warmup_is_a_time_or_a_share_of_the_budget(text, canonical, fraction):
+    """--warmup as a share, a time or none: its canonical text and its fraction of a 1-h budget."""
     cfg = parse_args(["--data", "x", "--budget", "1h", "--warmup", text])
     assert cfg.warmup == canonical and cfg.warmup_fraction == pytest.approx(fraction)
 
 
-def test_budget_can_fit_uses_the_clock():
-    now = [100.0]
-    budget = Budget(60, clock=lambda: now[0])
-    assert budget.can_fit(60) and not budget.can_fit(61)
-    now[0] = 150.0
-    assert budget.elapsed == 50 and budget.remaining == 10
-    assert budget.can_fit(10) and not budget.can_fit(10.5)
-    assert budget.fraction == pytest.approx(50 / 60)
-
-
 def test_a_step_that_would_eat_the_reserved_end_is_not_started():
+    """can_start(s) holds exactly while elapsed + s + reserve_s <= the budget."""
     now = [0.0]
     budget = Budget(100, clock=lambda: now[0])
     budget.reserve_s = 10.0
     now[0] = 85.0
     assert budget.can_start(5.0)  # 85 + 5 + 10 = 100
     assert not budget.can_start(5.5)
-    assert budget.can_fit(5.5)  # without the reserve it would have fit
     budget.reserve_s = 2.0
     assert budget.can_start(13.0) and not budget.can_start(13.5)
 
 
 def test_reserve_follows_the_measured_evaluation():
+    """end_reserve uses the measured evaluation over the estimate, never less than it, plus the checkpoint write."""
     from trainer.budget import end_reserve
 
     estimate = end_reserve(None, estimated_eval_s=10.0)
@@ -115,11 +113,13 @@ def test_reserve_follows_the_measured_evaluation():
     ],
 )
 def test_schedule_flags_are_checked(flags, needle):
+    """Each inconsistent schedule flag raises a ConfigError with its message."""
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         parse_args(["--data", "x", *flags])
 
 
 def test_defaults_and_help_come_from_one_declaration():
+    """parse_args' defaults equal TrainConfig's, and --help lists every flag with its default."""
     from dataclasses import fields
 
     from trainer.config import TrainConfig, build_parser, flag_name
@@ -137,6 +137,8 @@ def test_defaults_and_help_come_from_one_declaration():
 
 
 def test_a_preset_file_with_an_unknown_key_is_refused(tmp_path, monkeypatch, capsys):
+    """A preset file's unknown key: exit 2, one line naming the key and the file, no run folder; a bad value in a
+    preset names its flag."""
     import trainer.presets as presets
     from trainer.cli import main
 
@@ -154,6 +156,7 @@ def test_a_preset_file_with_an_unknown_key_is_refused(tmp_path, monkeypatch, cap
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
 def test_device_cuda_without_cuda_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    """--device cuda where there is none: exit 2, one line naming the flag, no run folder."""
     from trainer.cli import main
 
     out = tmp_path / "run"
@@ -164,11 +167,13 @@ def test_device_cuda_without_cuda_is_one_line_exit_2_and_writes_nothing(tmp_path
 
 
 def test_a_flag_value_of_the_wrong_type_names_the_flag():
+    """--batch-size many: a ConfigError naming the flag and the value."""
     with pytest.raises(ConfigError, match="--batch-size: cannot read 'many'"):
         parse_args(["--data", "x", "--batch-size", "many"])
 
 
 def test_the_cli_page_lists_every_flag_with_its_declared_default():
+    """docs/cli.md has a row for every flag, showing the declared default."""
     import re
     from dataclasses import fields
     from pathlib import Path

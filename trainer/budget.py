@@ -46,10 +46,6 @@ class Budget:
     def fraction(self) -> float:
         return min(1.0, self.elapsed / self.seconds)
 
-    def can_fit(self, seconds: float) -> bool:
-        """Is there time left for work expected to take ``seconds``?"""
-        return self.elapsed + seconds <= self.seconds
-
     def can_start(self, seconds: float) -> bool:
         """Is there time for work of ``seconds`` and, after it, the reserved end?"""
         return self.elapsed + seconds + self.reserve_s <= self.seconds
