@@ -13,6 +13,7 @@ def _payload(step: int) -> dict:
 
 
 def test_keeps_the_last_two_and_leaves_no_temp_files(tmp_path):
+    """Three saves leave the last two files and nothing else; the newest loads whole."""
     for step in (10, 20, 30):
         save_checkpoint(tmp_path, step, _payload(step))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000020.pt", "ckpt-000000030.pt"]
@@ -23,6 +24,7 @@ def test_keeps_the_last_two_and_leaves_no_temp_files(tmp_path):
 
 
 def test_truncated_newest_is_reported_and_the_previous_used(tmp_path):
+    """A truncated newest file is listed as skipped and the one before it is loaded."""
     save_checkpoint(tmp_path, 1, _payload(1))
     newest = save_checkpoint(tmp_path, 2, _payload(2))
     newest.write_bytes(newest.read_bytes()[:100])
@@ -32,6 +34,7 @@ def test_truncated_newest_is_reported_and_the_previous_used(tmp_path):
 
 
 def test_nothing_readable_is_an_error(tmp_path):
+    """No checkpoint, or only a garbage one: NoCheckpointError, naming the file when there is one."""
     with pytest.raises(NoCheckpointError, match="no readable checkpoint"):
         load_latest(tmp_path)
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"garbage")

@@ -1,4 +1,5 @@
-"""Tests for the synthetic demo dataset generator."""
+"""The synthetic demo dataset (pipelines.demo_dataset): its layout and counts, JPEGs of varied sizes, some
+grayscale, textured; the same bytes from the same seed; built whole or not at all, reused when complete."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def test_layout_and_counts(tiny: Path) -> None:
+    """train/ and val/ hold the 10 sorted classes with 3 and 2 JPEGs each; DEMO_INFO.json records the counts."""
     assert list(CLASS_NAMES) == sorted(CLASS_NAMES) and len(set(CLASS_NAMES)) == 10
     for split, n in (("train", 3), ("val", 2)):
         assert sorted(p.name for p in (tiny / split).iterdir()) == list(CLASS_NAMES)
@@ -37,6 +39,7 @@ def test_layout_and_counts(tiny: Path) -> None:
 
 
 def test_images_decode_with_varied_sizes_and_some_grayscale(tiny: Path) -> None:
+    """All 50 decode as JPEG, sides within [64, 120], aspect ratios on both sides of 1, some grayscale ones."""
     sizes, modes = [], []
     for path in tiny.rglob("*.JPEG"):
         with Image.open(path) as im:
@@ -54,12 +57,14 @@ def test_images_decode_with_varied_sizes_and_some_grayscale(tiny: Path) -> None:
 
 
 def test_images_are_textured_not_flat(tiny: Path) -> None:
+    """Every val image's gray levels vary (std > 15)."""
     for path in (tiny / "val").rglob("*.JPEG"):
         with Image.open(path) as im:
             assert np.asarray(im.convert("L"), dtype=np.float32).std() > 15, path
 
 
 def test_deterministic(tiny: Path, tmp_path: Path) -> None:
+    """A second build with the same seed gives the same files byte for byte; another seed different bytes."""
     again = build_demo_dataset(tmp_path / "again", **TINY)
     a, b = _files(tiny), _files(again)
     assert [p.relative_to(tiny) for p in a] == [p.relative_to(again) for p in b]
@@ -70,6 +75,7 @@ def test_deterministic(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash mid-build raises and leaves no folder or file behind."""
     real_render, calls = demo_dataset._render, []
 
     def flaky(*args, **kwargs):
@@ -85,6 +91,7 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_complete_dataset_is_reused(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ensure_demo_dataset on a complete folder renders nothing and touches no file."""
     before = {p: p.stat().st_mtime_ns for p in [tiny, *_files(tiny)]}
 
     def must_not_render(*args, **kwargs):
@@ -96,6 +103,7 @@ def test_complete_dataset_is_reused(tiny: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_incomplete_nonempty_root_is_refused(tmp_path: Path) -> None:
+    """Building into a folder holding something else raises FileExistsError and keeps its contents."""
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "stray.txt").write_text("not ours")
     with pytest.raises(FileExistsError):
@@ -104,6 +112,7 @@ def test_incomplete_nonempty_root_is_refused(tmp_path: Path) -> None:
 
 
 def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo's folder: $VITBUDGET_CACHE, else $XDG_CACHE_HOME/vitbudget, else ~/.cache/vitbudget; demo-v1 in it."""
     monkeypatch.setenv("VITBUDGET_CACHE", str(tmp_path / "c"))
     assert default_demo_root() == tmp_path / "c" / "demo-v1"
     monkeypatch.delenv("VITBUDGET_CACHE")

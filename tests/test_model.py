@@ -86,6 +86,7 @@ def test_set_grid_interpolates_the_position_embedding():
 
 
 def test_models_are_registered_with_timm():
+    """timm lists the locality and LocalViT models, and builds the tiny one with its width, depth and heads."""
     for name in ("vit_local_small_patch16", "vit_local_tiny_patch16", "localvit_small_patch16"):
         assert name in timm.list_models()
     net = timm.create_model("vit_local_tiny_patch16", num_classes=10, img_size=64)
@@ -102,6 +103,7 @@ def test_small_is_deit_small_plus_depthwise_convs_minus_ffn_biases():
 
 
 def test_gelu_ablation_swaps_both_activations():
+    """act=gelu puts GELU at both FFN activations; the default is Hardswish."""
     net = build_model("vit_local_test_patch16", num_classes=3, image_size=32, act="gelu")
     ffn = net.blocks[0].mlp
     assert isinstance(ffn.act1, nn.GELU) and isinstance(ffn.act2, nn.GELU)
@@ -120,6 +122,7 @@ def test_deit_small_is_timms_deit_small_exactly():
 
 
 def test_localvit_small_matches_its_published_size():
+    """LocalViT-S: 22.4M parameters (within 1%), 8 heads, no LayerNorm before its FFN, its SE and 3 BatchNorms."""
     net = build_model("localvit_small_patch16", num_classes=1000)
     assert abs(_count(net) - 22.4e6) / 22.4e6 < 0.01
     assert net.blocks[0].attn.num_heads == 8 and net.embed_dim == 384 and len(net.blocks) == 12

@@ -58,6 +58,8 @@ def _listing(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_indexes_with_the_info_counts(built, name):
+    """The built folder indexes to the info file's classes and per-class counts, with its source package and
+    version, and no temporary folder left beside it."""
     root = built[name]
     info = _info(root)
     train, val = index_dataset(root)
@@ -75,6 +77,7 @@ def test_indexes_with_the_info_counts(built, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_jpegs_are_rgb_at_the_requested_size(built, name):
+    """Sampled files are RGB JPEGs of 32 x 32, not blank; grayscale sources have equal channels."""
     root = built[name]
     for path in (sorted((root / "train").rglob("*.JPEG"))[0], sorted((root / "val").rglob("*.JPEG"))[-1]):
         with Image.open(path) as im:
@@ -87,6 +90,7 @@ def test_jpegs_are_rgb_at_the_requested_size(built, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_builds_give_the_same_files(built, name, tmp_path):
+    """A second build lists the same files and per-class counts."""
     first = built[name]
     second = _build(name, tmp_path / "again")
     assert _listing(first) == _listing(second)
@@ -95,6 +99,7 @@ def test_two_builds_give_the_same_files(built, name, tmp_path):
 
 @pytest.mark.parametrize("name", ["sklearn-digits", "emoji-twitter"])
 def test_whole_sets_split_80_20_in_every_class(built, name):
+    """Whole sets put 20% of every class in val/ (seed 0's draw; another seed draws other images, as many)."""
     info = _info(built[name])
     for c in info["classes"]:
         train, val = info["per_class"]["train"][c], info["per_class"]["val"][c]
@@ -110,6 +115,7 @@ def test_whole_sets_split_80_20_in_every_class(built, name):
 
 
 def test_fashion_mnist_keeps_the_official_split(built):
+    """Fashion-MNIST's train/ comes from its train file and val/ from its test file, 10 per class."""
     root = built["fashion-mnist"]
     names = {split: [Path(p).name for p in _listing(root) if p.startswith(f"{split}/")] for split in ("train", "val")}
     assert names["train"] and all(n.startswith("train_") for n in names["train"])
@@ -118,6 +124,7 @@ def test_fashion_mnist_keeps_the_official_split(built):
 
 
 def test_missing_package_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """A dataset whose package is missing: exit 2, one line with the pip command, nothing written."""
     monkeypatch.setattr(mrd.importlib.util, "find_spec", lambda name: None)
     assert mrd.main(["sklearn-digits", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
@@ -126,6 +133,7 @@ def test_missing_package_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
 
 
 def test_rerun_reuses_and_other_options_refuse(built, capsys):
+    """The same command again reuses the folder untouched; another --size for it exits 2 ("exists")."""
     root = built["sklearn-digits"]
     before = (root / mrd.INFO_NAME).stat().st_mtime_ns
     assert mrd.main(["sklearn-digits", "--out", str(root), "--size", str(SIZE), "--no-progress"]) == 0
@@ -136,6 +144,7 @@ def test_rerun_reuses_and_other_options_refuse(built, capsys):
 
 
 def test_list_prints_one_line_a_dataset(capsys):
+    """--list prints one line per dataset, in the table's order."""
     assert mrd.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(mrd.DATASETS)

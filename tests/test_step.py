@@ -29,6 +29,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_step_mode_resolution(asked, device, amp, runs, says):
+    """--step resolved per device and amp: the mode that runs, and one line starting with --step graph when it is
+    not the one asked for."""
     mode, why = resolve_step_mode(asked, device, amp)
     assert mode == runs
     if says is None:
@@ -38,6 +40,7 @@ def test_step_mode_resolution(asked, device, amp, runs, says):
 
 
 def test_step_flags_and_the_compile_alias(tmp_path):
+    """--step defaults to auto, --compile means --step compile, and an old config.json's compile: true too."""
     assert parse_args(["--data", "x"]).step == "auto"
     assert parse_args(["--data", "x", "--step", "graph"]).step == "graph"
     assert parse_args(["--data", "x", "--compile"]).step == "compile"
@@ -59,6 +62,7 @@ def _batch(n: int = 8, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_the_eager_step_trains_and_settles_after_one_step():
+    """The eager step settles after one step, lowers the loss over 8, and settles again after prepare()."""
     step = _step("--lr", "0.05")
     images, labels = _batch()
     assert step.settling and step.settle_steps == 1
@@ -71,6 +75,7 @@ def test_the_eager_step_trains_and_settles_after_one_step():
 
 
 def test_a_non_finite_loss_is_flagged_on_the_device():
+    """A NaN pixel makes diverged() true; finite steps leave it false."""
     step = _step()
     images, labels = _batch()
     step(images.clone(), labels)
@@ -100,6 +105,7 @@ def test_two_consecutive_steps_draw_fresh_augmentations():
 
 
 def test_learning_rate_is_set_per_step():
+    """The lr given to a step is every group's lr; at lr 0 no weight moves, at 1e-2 the head does."""
     step = _step()
     step.set_lr(0.123)
     assert {g["lr"] for g in step.optimizer.param_groups} == {0.123}
@@ -113,6 +119,8 @@ def test_learning_rate_is_set_per_step():
 
 
 def test_optimizer_state_from_a_captured_run_loads_into_an_eager_one_and_back():
+    """A graph run's optimizer state (capturable, fused, tensor lr) loads into an eager CPU optimizer, which
+    steps."""
     step = _step()
     images, labels = _batch()
     step(images, labels, lr=1e-3)
@@ -133,6 +141,7 @@ def test_optimizer_state_from_a_captured_run_loads_into_an_eager_one_and_back():
 
 
 def test_checkpointed_optimizer_state_has_plain_float_learning_rates():
+    """optimizer_state_dict stores tensor lrs as floats and leaves the live optimizer's untouched."""
     step = _step()
     for group in step.optimizer.param_groups:
         group["lr"] = torch.tensor(2e-4)
@@ -142,5 +151,6 @@ def test_checkpointed_optimizer_state_has_plain_float_learning_rates():
 
 
 def test_graph_mode_is_refused_without_cuda():
+    """A graph TrainStep on the CPU raises a ValueError saying it needs CUDA."""
     with pytest.raises(ValueError, match="needs CUDA"):
         _step(mode="graph")
