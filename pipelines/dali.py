@@ -115,18 +115,24 @@ def _ascii_int(text, width: int = 8):
     return fn.reductions.sum((chars - ord("0")) * digit * weight)
 
 
+def _read(split: Split, spec: StageSpec, train: bool):
+    """This rank's shard of the encoded images and their labels: WebDataset shards, or files — for training
+    reshuffled each epoch (padded only when sharded: see StageLoader), for evaluation in order and padded, so
+    every sample is read once."""
+    if split.shards:
+        return _read_shards(split, spec, shuffle=train)
+    if train:  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
+        order = dict(shuffle_after_epoch=True, pad_last_batch=spec.num_shards > 1,
+                     shuffle_after_epoch_seed=spec.seed if spec.shuffle_seed is None else spec.shuffle_seed)
+    else:
+        order = dict(random_shuffle=False, pad_last_batch=True)
+    return fn.readers.file(files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id,
+                           num_shards=spec.num_shards, name="Reader", **order)
+
+
 @pipeline_def(enable_conditionals=True)  # DALI's auto_aug chooses operations with conditionals
 def _train_graph(split: Split, spec: StageSpec):
-    if split.shards:
-        jpegs, labels = _read_shards(split, spec, shuffle=True)
-    else:
-        jpegs, labels = fn.readers.file(
-            files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
-            shuffle_after_epoch=True,  # a full reshuffle each epoch; random_shuffle only mixes a 1k-sample window
-            shuffle_after_epoch_seed=spec.seed if spec.shuffle_seed is None else spec.shuffle_seed,
-            pad_last_batch=spec.num_shards > 1,  # sharded: see StageLoader (every rank takes the same steps)
-            name="Reader",
-        )
+    jpegs, labels = _read(split, spec, train=True)
     gpu = spec.device == "gpu"
     images = fn.decoders.image_random_crop(
         jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,  # RGB: grayscale/CMYK arrive as RGB
@@ -147,13 +153,7 @@ def _train_graph(split: Split, spec: StageSpec):
 
 @pipeline_def
 def _val_graph(split: Split, spec: StageSpec):
-    if split.shards:
-        jpegs, labels = _read_shards(split, spec, shuffle=False)
-    else:
-        jpegs, labels = fn.readers.file(
-            files=list(split.files), labels=list(split.labels), shard_id=spec.shard_id, num_shards=spec.num_shards,
-            random_shuffle=False, pad_last_batch=True, name="Reader",
-        )
+    jpegs, labels = _read(split, spec, train=False)
     gpu = spec.device == "gpu"
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(spec.image_size / EVAL_CROP_FRACTION),
