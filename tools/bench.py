@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import sys
@@ -47,6 +46,7 @@ import torch
 from pipelines import IMAGENET_MEAN, IMAGENET_STD, StageLoader, StageSpec, index_dataset
 from pipelines.demo_dataset import ensure_demo_dataset
 from trainer.profile import time_batches
+from trainer.rundir import read_events
 
 CPU = torch.device("cpu")
 
@@ -433,8 +433,7 @@ def bench_track(args: argparse.Namespace) -> None:
 
 def _steady_rate(run: Path) -> float:
     """Median img/s of a run's metrics intervals after the first (which holds start-up and the first compile)."""
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [e["images_per_sec"] for e in events if e["event"] == "train"][1:]
+    rates = [e["images_per_sec"] for e in read_events(run) if e["event"] == "train"][1:]
     if not rates:
         raise SystemExit(f"bench: fewer than two metrics intervals in {run}; raise --seconds")
     return statistics.median(rates)

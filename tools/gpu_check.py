@@ -65,7 +65,7 @@ from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, parse_args
 from trainer.curriculum import stage_batch_size
 from trainer.loop import stage_spec
 from trainer.profile import time_batches
-from trainer.rundir import write_json_atomic
+from trainer.rundir import read_events, write_json_atomic
 from trainer.step import TrainStep, resolve_amp, resolve_step_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,7 +333,7 @@ def trainer_run(check: Check, data: Path, mode: str, name: str | None = None,
         check.failed.append(f"trainer run {name} (--step {mode}): {result['error']}")
         return result
     summary = json.loads((run_dir / "summary.json").read_text())
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    events = read_events(run_dir)
     trains = [e for e in events if e["event"] == "train"]
     result.update(top1=summary["top1"], elapsed_s=summary["elapsed_s"], budget_s=summary["budget_s"],
                   stages_reached=summary["stages_reached"], step_mode=summary.get("step_mode"),

@@ -10,9 +10,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from trainer.rundir import read_events
+
 
 def stage_table(run_dir: Path) -> str:
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    events = read_events(run_dir)
     stages = {e["stage"]: e for e in events if e["event"] == "stage"}
     rows = [f"{run_dir}", f"{'stage':>5} {'size':>5} {'batch':>5} {'rebuild s':>9} {'median img/s':>12} "
                           f"{'steps':>6} {'last top1':>9}"]

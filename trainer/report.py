@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.rundir import write_bytes_atomic
+from trainer.rundir import read_events, write_bytes_atomic
 
 PROG = "vit-report"
 ENDINGS = ("diverged", "error", "interrupted", "stopped")  # metrics.jsonl events that end a run early
@@ -111,14 +111,7 @@ def load_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if config is None or not metrics.is_file():
         raise ReportError(f"{path} is not a vit-train run directory (no readable config.json and metrics.jsonl)")
-    events = []
-    for line in metrics.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # the line a crash cut short
-        if isinstance(event, dict):
-            events.append(event)
+    events = read_events(path)
     summary = _read_json(path / "summary.json")
     run = Run(path=path, config=config, summary=summary, status="running")
     for e in events:

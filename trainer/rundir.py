@@ -1,4 +1,5 @@
-"""The run directory: config.json and summary.json written atomically, metrics.jsonl appended a line at a time."""
+"""The run directory: config.json and summary.json written atomically, metrics.jsonl appended a line at a time
+(``RunDir.log``) and read back by ``read_events``, its one reader."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 from pipelines.files import atomic_file, write_json_atomic
 from pipelines.files import write_bytes_atomic as write_bytes_atomic  # the run's other files (commands, report)
 
+METRICS = "metrics.jsonl"
+
 
 def save_safetensors_atomic(tensors: dict[str, Any], path: Path) -> None:
     """The final weights as safetensors (loadable without pickle anywhere), written via temp file and rename."""
@@ -16,6 +19,24 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: Path) -> None:
 
     with atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The events ``RunDir.log`` wrote to ``run_dir``/metrics.jsonl, in order ([] when there is no such file). A line
+    that is not a JSON object is skipped: the one a crash cut short (a resumed run appends after it)."""
+    try:
+        text = (Path(run_dir) / METRICS).read_text()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 class RunDir:
@@ -27,7 +48,7 @@ class RunDir:
     def __init__(self, path: Path, tracking: Any = None) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses one line
+        self._metrics = open(path / METRICS, "a", buffering=1)  # line-buffered: a crash loses one line
         self.tracking = tracking(path) if callable(tracking) else tracking  # made once the folder exists
 
     def write_config(self, config: dict[str, Any]) -> None:

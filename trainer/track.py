@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.rundir import write_json_atomic
+from trainer.rundir import read_events, write_json_atomic
 
 EXTRA = 'pip install -e ".[track]"'
 # --track name -> the module it needs
@@ -113,19 +113,11 @@ def _merge_scalars(calls: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, 
 
 def last_logged_step(run_dir: Path) -> int:
     """The largest step in the run's metrics.jsonl (-1 if none): what an earlier attempt already sent."""
-    last = -1
     try:
-        with open(run_dir / "metrics.jsonl") as f:
-            for line in f:
-                try:
-                    step = json.loads(line).get("step")
-                except ValueError:  # the line a crash cut short
-                    continue
-                if isinstance(step, int) and step > last:
-                    last = step
+        events = read_events(run_dir)
     except OSError:
-        pass
-    return last
+        return -1
+    return max((e["step"] for e in events if isinstance(e.get("step"), int)), default=-1)
 
 
 class _Worker:
