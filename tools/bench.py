@@ -300,7 +300,7 @@ def _fused_curves(args: argparse.Namespace, device: torch.device) -> None:
     from model.locality_vit import set_fused
     from pipelines import index_dataset
     from trainer.config import parse_args
-    from trainer.loop import stage_spec
+    from trainer.data import stage_spec
     from trainer.step import TrainStep
 
     cfg = parse_args(["--data", "demo", "--no-curriculum", "--device", device.type, "--step", args.curve_step,

@@ -63,7 +63,7 @@ from pipelines import Split, StageLoader, StageSpec, index_dataset
 from pipelines.demo_dataset import ensure_demo_dataset
 from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, parse_args
 from trainer.curriculum import stage_batch_size
-from trainer.loop import stage_spec
+from trainer.data import stage_spec
 from trainer.profile import time_batches
 from trainer.rundir import read_events, write_json_atomic
 from trainer.step import TrainStep, resolve_amp, resolve_step_mode

@@ -12,7 +12,6 @@ steps a resumed run trains again (from its checkpoint to where the killed attemp
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import queue
 import sys
@@ -22,51 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.metrics import namespaced
 from trainer.rundir import read_events, write_json_atomic
 
-EXTRA = 'pip install -e ".[track]"'
-# --track name -> the module it needs
-TOOLS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 BATCH_S = 5.0  # a tool receives the run's events at most this late, in one call per kind
 CLOSE_TIMEOUT_S = 60.0  # what the end of a run waits for a tool to drain its queue and close
 STATE_FILE = "track.json"
 
-# Metrics-line fields -> the scalar names every tool receives. The step is the x-axis; the budget spent is its own
-# scalar, so runs of different speeds compare on time.
-TRAIN_SCALARS = {"loss": "train/loss", "lr": "train/lr", "images_per_sec": "train/images_per_sec",
-                 "data_wait": "train/data_wait", "tflops": "train/tflops", "mfu": "train/mfu",
-                 "mem_gib": "train/mem_gib", "mem_peak_gib": "train/mem_peak_gib", "epoch": "train/epoch",
-                 "image_size": "stage/image_size", "batch_size": "stage/batch_size", "elapsed_s": "budget/elapsed_s"}
-EVAL_SCALARS = {"top1": "val/top1", "top5": "val/top5", "image_size": "val/image_size"}
 ENDS = {"budget": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "diverged": "FAILED", "error": "FAILED"}
 
 
 Row = tuple[int, dict[str, float], float]  # one metrics line's scalars: (step, {name: value}, its wall time)
-
-
-class TrackError(ValueError):
-    """--track names an unknown tool or one that is not installed; the message is one line."""
-
-
-def parse_track(value: Any) -> str | None:
-    """'tensorboard, mlflow' -> 'tensorboard,mlflow' (each known, once, in the order given); '' or 'none' -> None."""
-    names = [n.strip().lower() for n in str(value).split(",") if n.strip()]
-    if not names or names == ["none"]:
-        return None
-    for name in names:
-        if name not in TOOLS:
-            raise TrackError(f"--track: unknown tool {name!r} (choose from {', '.join(TOOLS)})")
-    return ",".join(dict.fromkeys(names))
-
-
-def check_installed(track: str | None) -> None:
-    for name in (track or "").split(",") if track else []:
-        try:
-            found = importlib.util.find_spec(TOOLS[name]) is not None
-        except (ImportError, ValueError):  # a module set to None in sys.modules, a broken parent package
-            found = False
-        if not found:
-            raise TrackError(f"--track {name}: the {TOOLS[name]} package is not installed ({EXTRA})")
 
 
 def warn(message: str) -> None:
@@ -204,12 +169,8 @@ class Tracking:
             if step <= self.sent_through and event != "resume":
                 return  # trained again after a resume: the earlier attempt sent this step
             self.step = max(self.step, step)
-        if event == "train":
-            self._send("scalars", [(self.step, {tag: fields[k] for k, tag in TRAIN_SCALARS.items()
-                                                if fields.get(k) is not None}, time.time())])
-        elif event == "eval":
-            self._send("scalars", [(self.step, {tag: fields[k] for k, tag in EVAL_SCALARS.items()
-                                                if fields.get(k) is not None}, time.time())])
+        if event in ("train", "eval"):  # the step is the x-axis; the budget spent is its own scalar
+            self._send("scalars", [(self.step, namespaced(event, fields), time.time())])
         elif event == "start":
             if not fields.get("attempt") and self.config is not None:  # a resume keeps the first attempt's
                 self._send("hparams", self._hparams(fields))
