@@ -17,7 +17,7 @@ from pipelines.dali import StageSpec, build_train_pipeline, build_val_pipeline
 from pipelines.folder import Split
 from pipelines.integrity import find_broken_image
 
-PREPARE_HINT = "check or repair the dataset with tools/prepare_imagenet.py"
+PREPARE_HINT = "check or repair the dataset with vit-prepare"
 
 
 def _load_malloc_trim():

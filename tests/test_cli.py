@@ -115,7 +115,7 @@ def test_corrupt_image_ends_the_run_naming_the_file(tmp_path, capsys, fake_time)
     out = tmp_path / "run"
     assert main(["--data", str(data), *TINY, "--budget", "30s", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(bad) in err[0] and "tools/prepare_imagenet.py" in err[0]
+    assert len(err) == 1 and str(bad) in err[0] and "vit-prepare" in err[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "error" and str(bad) in summary["message"]
     assert json.loads((out / "config.json").read_text())["model"] == "vit_local_test_patch16"

@@ -125,11 +125,13 @@ def test_dali_reads_every_listed_file_and_the_stage_picks_its_copy(prepared):
             assert sorted(labels.tolist()) == sorted(split.labels)  # every file decoded, once
 
 
-def test_prepared_set_trains_through_the_trainer(prepared, tmp_path):
+def test_prepared_set_trains_through_the_trainer(prepared, tmp_path, fake_time):
+    """A prepared set trains: its 16-px stage reads the 48-px copy, the 32-px stage the full images (on the fake
+    clock: the stage is entered after one epoch whatever the machine's load)."""
     out = tmp_path / "run"
     assert vit_train(["--data", str(prepared["ilsvrc"]), "--model", "vit_local_test_patch16", "--image-size", "32",
                       "--curriculum", "16:16:1", "--batch-size", "4", "--workers", "1", "--lr", "0.1",
-                      "--budget", "15s", "--out", str(out)]) == 0  # room to enter the 32-px stage on a busy machine
+                      "--budget", "30s", "--out", str(out)]) == 0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stages = [e for e in events if e["event"] == "stage"]
     assert stages[0]["image_size"] == 16 and stages[0]["source_px"] == 48  # the small stage read the copy

@@ -48,7 +48,7 @@ def time_batches(batches, steps: int, warmup: int, device: torch.device, work=No
 def _advice(bound: str, pipeline: float, loop: float, model: float, device: torch.device) -> str:
     if bound == "data":
         return ("data-bound: more pipeline threads (--workers), pre-resized copies of the data "
-                "(tools/prepare_imagenet.py --max-size 96,192,full), or lighter augmentation (--randaug)")
+                "(vit-prepare --max-size 96,192,full), or lighter augmentation (--randaug)")
     if loop < 0.9 * min(pipeline, model):
         if device.type == "cpu":
             return "the pipeline and the model share the CPU cores: a GPU, or fewer --workers"
