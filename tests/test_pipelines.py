@@ -92,7 +92,7 @@ def test_truncated_jpeg_is_named(tmp_path):
         for _ in loader:
             pass
     assert err.value.path == str(bad)
-    assert "prepare_imagenet.py" in str(err.value)
+    assert "vit-prepare" in str(err.value)
 
 
 def test_folder_errors_name_the_problem(tmp_path):
