@@ -16,7 +16,7 @@ from pipelines.folder import describe_skipped
 from trainer import dist
 from trainer.budget import Budget
 from trainer.checkpoint import NoCheckpointError, list_checkpoints, load_latest
-from trainer.config import DEMO, ConfigError, ListPresets, TrainConfig, load_run_config, parse_args
+from trainer.config import DEMO, ConfigError, ListPresets, TrainConfig, fail, load_run_config, parse_args
 from trainer.fastpath import FastPathError
 from trainer.loop import Diverged, StopFlag, StopRequested, train
 from trainer.readout import Readout
@@ -26,8 +26,7 @@ Say = Callable[..., None]  # say(text, err=False): rank 0 prints it (to stderr w
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"vit-train: error: {message}", file=sys.stderr)
-    return code
+    return fail("vit-train", message, code)
 
 
 def _data_root(cfg: TrainConfig, say: Say) -> Path | str:

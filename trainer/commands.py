@@ -15,15 +15,10 @@ from typing import Any
 
 from pipelines import DatasetError, ImageDecodeError, Split, open_dataset
 from pipelines.files import FORMAT_NAMES, IMAGE_EXTENSIONS
-from trainer.config import OneLineParser
+from trainer.config import OneLineParser, fail
 from trainer.data import EVAL_BATCH
 from trainer.rundir import write_bytes_atomic, write_json_atomic
 from trainer.use import MODEL_FOLDER, WEIGHTS, OpenedRun, RunError, check_size, open_run, write_model_folder
-
-
-def _fail(prog: str, message: str, code: int = 2) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return code
 
 
 def _sizes(flag: str, text: str | None, default: int) -> list[int]:
@@ -78,12 +73,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         run, split, sizes, device = _eval_inputs(args)
     except (RunError, DatasetError) as e:
-        return _fail("vit-eval", str(e)) if world.is_main else 2
+        return fail("vit-eval", str(e)) if world.is_main else 2
     world = dist.init(device.type)
     try:
         results = [_evaluate_at(run, split, size, args.batch_size, device, world) for size in sizes]
     except ImageDecodeError as e:
-        return _fail("vit-eval", str(e), code=1)
+        return fail("vit-eval", str(e), code=1)
     finally:
         dist.shutdown()
     if world.is_main:
@@ -185,7 +180,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     try:
         run, files, device = _predict_inputs(args)
     except RunError as e:
-        return _fail("vit-predict", str(e))
+        return fail("vit-predict", str(e))
     good, failed = _decodable(files)
     rows = _predict(run, good, failed, args, device) if good else []
     for path, why in failed:
@@ -297,7 +292,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.onnx is not None:
             _need_onnx()
     except RunError as e:
-        return _fail("vit-export", str(e))
+        return fail("vit-export", str(e))
     folder = write_model_folder(run, args.out or run.path / MODEL_FOLDER, size)
     print(f"wrote {folder} (timm: timm.create_model('local-dir:{folder}', pretrained=True))")
     if args.onnx is None:

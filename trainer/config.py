@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
@@ -321,6 +322,20 @@ def _convert(f: Field, value: Any, source: str) -> Any:
     return value
 
 
+def fail(prog: str, message: str, code: int = 2) -> int:
+    """An input error as every command here reports one: ``prog: error: message``, one line on stderr; returns
+    the exit status."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def not_patch_multiple(what: str, size: int) -> str | None:
+    """Why ``size`` cannot be an image size (not a positive multiple of the patch size), or None if it can."""
+    if size <= 0 or size % PATCH_SIZE:
+        return f"{what}: {size} is not a positive multiple of the patch size {PATCH_SIZE}"
+    return None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with one line and exit 2 for a bad flag (no usage block), as every other input error here."""
 
@@ -429,21 +444,18 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def _check_sizes_and_plan(cfg: TrainConfig) -> None:
-    if cfg.image_size <= 0 or cfg.image_size % PATCH_SIZE:
-        raise ConfigError(
-            f"--image-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.image_size}"
-        )
-    if cfg.eval_size is not None and (cfg.eval_size <= 0 or cfg.eval_size % PATCH_SIZE):
-        raise ConfigError(
-            f"--eval-size must be a positive multiple of the patch size {PATCH_SIZE}, got {cfg.eval_size}"
-        )
+    sizes = [("--image-size", cfg.image_size), *([("--eval-size", cfg.eval_size)] if cfg.eval_size is not None
+                                                  else [])]
+    for flag, size in sizes:
+        if why := not_patch_multiple(flag, size):
+            raise ConfigError(why)
     try:
         cfg.plan()
     except PlanError as e:
         raise ConfigError(str(e)) from None
     for size in cfg.profile_size_list():
-        if size <= 0 or size % PATCH_SIZE:
-            raise ConfigError(f"--profile-sizes: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
+        if why := not_patch_multiple("--profile-sizes", size):
+            raise ConfigError(why)
 
 
 def _check_optimizer(cfg: TrainConfig) -> None:

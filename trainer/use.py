@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.files import atomic_folder
-from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, load_run_config
+from trainer.config import PATCH_SIZE, ConfigError, TrainConfig, load_run_config, not_patch_multiple
 from trainer.rundir import write_json_atomic
 
 WEIGHTS = ("auto", "ema", "raw")
@@ -48,8 +48,8 @@ class OpenedRun:
 
 
 def check_size(flag: str, size: int) -> int:
-    if size <= 0 or size % PATCH_SIZE:
-        raise RunError(f"{flag}: {size} is not a positive multiple of the patch size {PATCH_SIZE}")
+    if why := not_patch_multiple(flag, size):
+        raise RunError(why)
     return size
 
 
