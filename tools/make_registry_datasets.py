@@ -51,6 +51,9 @@ EMOJI_PACKAGE = "emoji-datasource-twitter"
 # skin-tone and hair swatches, not emoji).
 EMOJI_CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
                     "Activities", "Objects", "Symbols", "Flags")
+# The by-subgroup sets keep Unicode subgroups with at least this many base emoji drawn by the vendor (so every
+# class has 2+ val images at 80/20); the rest (1-9 emoji each) are left out.
+EMOJI_MIN_PER_SUBGROUP = 10
 
 
 class MissingSource(Exception):
@@ -157,12 +160,13 @@ def _locate_fashion() -> Source:
     return Source(version=_debian_version("dataset-fashion-mnist"), path=FASHION_MNIST_DIR)
 
 
-def _locate_emoji() -> Source:
-    install = f"npm install -g {EMOJI_PACKAGE}@16"
-    folder = _npm_package(EMOJI_PACKAGE, install)
+def _locate_emoji(vendor: str = "twitter") -> Source:
+    package = f"emoji-datasource-{vendor}"
+    install = f"npm install -g {package}@16"
+    folder = _npm_package(package, install)
     version = json.loads((folder / "package.json").read_text()).get("version", "unknown")
-    if not (folder / "emoji.json").is_file() or not (folder / "img" / "twitter" / "64").is_dir():
-        raise MissingSource(f"{folder} lacks emoji.json or img/twitter/64/; reinstall it ({install})")
+    if not (folder / "emoji.json").is_file() or not (folder / "img" / vendor / "64").is_dir():
+        raise MissingSource(f"{folder} lacks emoji.json or img/{vendor}/64/; reinstall it ({install})")
     return Source(version=version, path=folder)
 
 
@@ -212,26 +216,57 @@ def _load_fashion(src: Source) -> Raw:
                is_val, "official: the 60,000 training images are train/, the 10,000 test images are val/")
 
 
-def _load_emoji(src: Source) -> Raw:
+def _emoji_base(src: Source, vendor: str) -> list[dict]:
+    """The vendor's base emoji (skin-tone variants are not entries), Unicode's order, without "Component"."""
     entries = json.loads((src.path / "emoji.json").read_text())
-    entries = sorted((e for e in entries if e.get("has_img_twitter") and e.get("category") in EMOJI_CATEGORIES),
-                     key=lambda e: e["sort_order"])
-    folder = src.path / "img" / "twitter" / "64"
-    images, labels, ids = [], [], []
+    return sorted((e for e in entries if e.get(f"has_img_{vendor}") and e.get("category") in EMOJI_CATEGORIES),
+                  key=lambda e: e["sort_order"])
+
+
+def _emoji_pixels(src: Source, vendor: str, entries: list[dict]) -> np.ndarray:
+    """The 64x64 PNGs, alpha composited over white, as (N, 64, 64, 3) uint8."""
+    folder = src.path / "img" / vendor / "64"
+    images = []
     for e in entries:
         path = folder / e["image"]
         if not path.is_file():
-            raise MissingSource(f"{path} is missing; reinstall {EMOJI_PACKAGE}")
+            raise MissingSource(f"{path} is missing; reinstall emoji-datasource-{vendor}")
         with Image.open(path) as im:
             rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         images.append(np.asarray(Image.alpha_composite(white, rgba).convert("RGB")))
-        labels.append(EMOJI_CATEGORIES.index(e["category"]))
-        ids.append(Path(e["image"]).stem)
-    classes = tuple(f"{i}_{c.lower().replace(' & ', '_')}".replace(" ", "_") for i, c in enumerate(EMOJI_CATEGORIES))
-    return Raw(np.stack(images), np.array(labels, dtype=np.int64), ids, classes, None,
+    return np.stack(images)
+
+
+def _slug(text: str) -> str:
+    return text.lower().replace(" & ", "_").replace(" ", "_").replace("-", "_")
+
+
+def _load_emoji(src: Source) -> Raw:
+    entries = _emoji_base(src, "twitter")
+    labels = [EMOJI_CATEGORIES.index(e["category"]) for e in entries]
+    classes = tuple(f"{i}_{_slug(c)}" for i, c in enumerate(EMOJI_CATEGORIES))
+    return Raw(_emoji_pixels(src, "twitter", entries), np.array(labels, dtype=np.int64),
+               [Path(e["image"]).stem for e in entries], classes, None,
                f"seeded stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%} over the base emoji (skin-tone "
                "variants left out)")
+
+
+def _load_emoji_subgroups(vendor: str, src: Source) -> Raw:
+    """One class per Unicode subgroup (animal-mammal, food-fruit, transport-ground, ...) with at least
+    EMOJI_MIN_PER_SUBGROUP of the vendor's base emoji; classes numbered in Unicode's order."""
+    entries = _emoji_base(src, vendor)
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["subcategory"]] = counts.get(e["subcategory"], 0) + 1
+    kept = [g for g in counts if counts[g] >= EMOJI_MIN_PER_SUBGROUP]  # dicts keep Unicode's order
+    entries = [e for e in entries if e["subcategory"] in kept]
+    width = len(str(len(kept) - 1))
+    classes = tuple(f"{i:0{width}d}_{_slug(g)}" for i, g in enumerate(kept))
+    labels = np.array([kept.index(e["subcategory"]) for e in entries], dtype=np.int64)
+    return Raw(_emoji_pixels(src, vendor, entries), labels, [Path(e["image"]).stem for e in entries], classes, None,
+               f"seeded stratified {1 - VAL_FRACTION:.0%}/{VAL_FRACTION:.0%} over the base emoji (skin-tone "
+               f"variants left out) of the Unicode subgroups with {EMOJI_MIN_PER_SUBGROUP}+ of them")
 
 
 DATASETS: dict[str, Dataset] = {
@@ -246,6 +281,14 @@ DATASETS: dict[str, Dataset] = {
                 _load_fashion),
         Dataset("emoji-twitter", "Twemoji colour emoji by Unicode group, 1,906 64x64 images, 9 classes",
                 "npm", EMOJI_PACKAGE, f"npm install -g {EMOJI_PACKAGE}@16", _locate_emoji, _load_emoji),
+        Dataset("emoji-google-sub", "Noto colour emoji by Unicode subgroup (those with 10+ emoji), 1,656 64x64 images, "
+                "58 classes of 10-259 (flags 259)", "npm", "emoji-datasource-google",
+                "npm install -g emoji-datasource-google@16", functools.partial(_locate_emoji, "google"),
+                functools.partial(_load_emoji_subgroups, "google")),
+        Dataset("emoji-apple-sub", "Apple colour emoji (shaded, photo-like) by Unicode subgroup (those with 10+ "
+                "emoji), 1,655 64x64 images, 58 classes of 10-259", "npm", "emoji-datasource-apple",
+                "npm install -g emoji-datasource-apple@16", functools.partial(_locate_emoji, "apple"),
+                functools.partial(_load_emoji_subgroups, "apple")),
     )
 }
 
@@ -383,7 +426,7 @@ def _list() -> None:
             state = f"installed ({d.package} {src.version})"
         except MissingSource:
             state = "missing"
-        print(f"{d.name:15s} {d.summary}; {d.registry}: {d.install}; {state}")
+        print(f"{d.name:16s} {d.summary}; {d.registry}: {d.install}; {state}")
 
 
 def main(argv: list[str] | None = None) -> int:
