@@ -201,3 +201,16 @@ def self_check(weight: torch.Tensor, batch: int, grid: tuple[int, int], prefix: 
         return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
     return max(error(out, ref.detach()), error(h.grad, h32.grad), error(w.grad, w32.grad))
+
+
+def disagreement(weight: torch.Tensor, batch: int, grid: tuple[int, int], prefix: int, dtype: torch.dtype,
+                 seed: int = 0) -> tuple[float, str | None]:
+    """``self_check``'s error, and what is wrong when it exceeds the dtype's ``tolerance`` (None when the kernels
+    agree with PyTorch's ops). What the kernels raise is raised."""
+    error = self_check(weight, batch, grid, prefix, dtype, seed=seed)
+    limit = tolerance(dtype)
+    if error <= limit:
+        return error, None
+    side = f"{grid[0]}x{grid[1]}"  # NaN lands here too: it is not <= anything
+    return error, (f"its result differs from PyTorch's ops by {error:.3g} (relative, on a {side} grid, "
+                   f"{str(dtype).removeprefix('torch.')}; tolerance {limit:.3g})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -252,7 +253,7 @@ class TrainConfig:
         if self.curriculum == "auto":  # resolved once, so config.json (and a resume) keeps the concrete plan
             self.curriculum = auto_curriculum(self.device)
 
-    @property
+    @functools.cached_property  # read by lr_at at every step
     def warmup_fraction(self) -> float:
         """The share of the budget the warm-up takes (0 without one)."""
         if self.warmup.endswith("%"):

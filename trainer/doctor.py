@@ -150,10 +150,9 @@ def _ffn_rows(cfg: TrainConfig, step: TrainStep, size: int, batch: int, amp: tor
         rows.append(Row(size, "fused FFN", "fused", "Triton is not installed; a run uses PyTorch's ops"))
     else:
         try:
-            error = fused_ffn.self_check(ffn.dwconv.weight, batch, (side, side), prefix, dtype)
-            if not error <= fused_ffn.tolerance(dtype):
-                raise RuntimeError(f"off by {error:.3g} from PyTorch's ops (tolerance "
-                                   f"{fused_ffn.tolerance(dtype):.3g})")
+            error, problem = fused_ffn.disagreement(ffn.dwconv.weight, batch, (side, side), prefix, dtype)
+            if problem is not None:
+                raise RuntimeError(problem)
 
             def fused() -> None:
                 fused_ffn.locality_dwconv(h, weight, side, side).sum().backward()

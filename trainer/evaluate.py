@@ -72,9 +72,9 @@ class Evaluator:
     the final one. ``evaluate_model`` is what measures (tests swap in one that ticks a fake clock)."""
 
     def __init__(self, net: nn.Module, batches: Any, amp: torch.dtype | None, budget: Any, gate: Any, cfg: Any,
-                 metrics: Any, readout: Any, world: World, last_s: float | None = None) -> None:
+                 run_dir: Any, readout: Any, world: World, last_s: float | None = None) -> None:
         self.net, self.batches, self.amp, self.budget, self.gate = net, batches, amp, budget, gate
-        self.cfg, self.metrics, self.readout = cfg, metrics, readout
+        self.cfg, self.run_dir, self.readout = cfg, run_dir, readout
         self.evaluate_model = functools.partial(evaluate, world=world)
         self.last: dict[str, float] | None = None  # this epoch's evaluation (None: not current)
         self.last_s = last_s  # the last evaluation's seconds (kept across a resume)
@@ -104,9 +104,9 @@ class Evaluator:
         # new shape to autotune
         estimate = 2 * first_s + max(0, batches - 1) * per_batch
         self.gate.estimate_eval(estimate)
-        self.metrics.run_dir.log("eval_probe", batches=1 + rest, first_batch_s=round(first_s, 4),
-                                 per_batch_s=round(per_batch, 4), estimate_s=round(estimate, 3),
-                                 images=first["images"], elapsed_s=round(self.budget.elapsed, 3))
+        self.run_dir.log("eval_probe", batches=1 + rest, first_batch_s=round(first_s, 4),
+                         per_batch_s=round(per_batch, 4), estimate_s=round(estimate, 3), images=first["images"],
+                         elapsed_s=round(self.budget.elapsed, 3))
 
     def __call__(self, state: Any) -> dict[str, float]:
         """Evaluate now (charged to the budget unless --budget-counts train), as an ``eval`` event."""
@@ -121,7 +121,7 @@ class Evaluator:
         fields = dict(step=s.step, epoch=round(s.epoch + s.epoch_progress, 4), stage=s.stage,
                       image_size=self.cfg.final_eval_size, images=result.get("images"), top1=round(result["top1"], 5),
                       top5=round(result["top5"], 5), eval_s=round(eval_s, 3), elapsed_s=round(self.budget.elapsed, 3))
-        self.metrics.run_dir.log("eval", **fields)
+        self.run_dir.log("eval", **fields)
         self.readout.update(**{k: v for k, v in fields.items() if k not in ("image_size", "images")})
         if self.readout.live:  # plain mode already printed the line
             self.readout.message(f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  "

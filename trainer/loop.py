@@ -122,7 +122,7 @@ class Trainer:
                              device=self.device, on_fallback=self.paths.decoder_fell_back("evaluation"))
         self.metrics = MetricsProcessor(cfg, run, readout, budget, self.plan, len(train_split), self.device,
                                         peak_flops(self.device), world.world_size, s.images_seen)
-        self.evaluator = Evaluator(self.evaluated, val_batches, self.amp, budget, self.gate, cfg, self.metrics,
+        self.evaluator = Evaluator(self.evaluated, val_batches, self.amp, budget, self.gate, cfg, run,
                                    readout, world, last_s=resume.get("last_eval_s") if resume else None)
         self.agreement = Agreement(world, budget, self.gate, cfg.log_every_s, diverged=self.step.diverged,
                                    settling=lambda: self.step.settling, step=s.step)
