@@ -81,6 +81,9 @@ class StopGate:
         self.eval_s: float | None = None  # the last evaluation's measured time
         self.eval_estimate_s = 0.0  # before any evaluation: from a probe of the val pipeline and model
         self.checkpoint_s = 0.0  # the last checkpoint's measured write time
+        # the end's evaluations against one periodic evaluation (more than 1 when the end also decides the eval
+        # size on a held-out slice: trainer.decide.cost_factor)
+        self.end_factor = 1.0
         self.entry_s: float | None = None  # the last stage entry's measured cost
         self.entry_steps_s = 0.0  # the part of it spent in settling steps (grows with the tokens per image)
         self.entry_tokens = 0
@@ -98,7 +101,7 @@ class StopGate:
 
     def _update_reserve(self) -> None:
         # the final checkpoint, and the final weights (model.safetensors, smaller than a checkpoint) after it
-        self.budget.reserve_s = end_reserve(self._eval_cost, 0.0, 2 * self.checkpoint_s)
+        self.budget.reserve_s = end_reserve(self._eval_cost * self.end_factor, 0.0, 2 * self.checkpoint_s)
 
     @property
     def reserve_s(self) -> float:
@@ -110,6 +113,11 @@ class StopGate:
 
     def estimate_eval(self, seconds: float) -> None:
         self.eval_estimate_s = seconds
+        self._update_reserve()
+
+    def scale_end(self, factor: float) -> None:
+        """The end's evaluations cost ``factor`` periodic ones (see ``end_factor``)."""
+        self.end_factor = factor
         self._update_reserve()
 
     def record_checkpoint(self, seconds: float) -> None:

@@ -170,7 +170,12 @@ class TrainConfig:
                                          "spent, the stages before sharing that time (S:M@P%%); auto: "
                                          f"{DEFAULT_CURRICULUM.replace('%', '%%')} on CUDA, a fixed size on the CPU",
                                  metavar="S:M:N|S:M@P%|auto")
-    eval_size: int | None = opt(None, "evaluation size (default: --image-size)", type=int)
+    eval_size: int | None = opt(None, "the final evaluation's size (default: chosen at the end on the --holdout "
+                                      "slice among the training size and 1, 2 and 4 patches above; --image-size "
+                                      "when no slice is held out)", type=int)
+    holdout: float = opt(0.05, "share of the training split held out, never trained on, to choose the eval size "
+                               "on when --eval-size is not given: at most 2,000 images, and none when it would be "
+                               "under 250 (0: none)", type=float)
     batch_size: int = opt(64, "images per step per process (per GPU; the global batch is this x the processes)",
                           type=int)
     stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "
@@ -499,6 +504,8 @@ def _check_augmentation(cfg: TrainConfig) -> None:
     if (cfg.mixup or cfg.cutmix) and cfg.batch_size % 2:
         raise ConfigError(
             f"--mixup/--cutmix pair images within a batch: --batch-size must be even, got {cfg.batch_size}")
+    if not 0 <= cfg.holdout < 0.5:
+        raise ConfigError(f"--holdout must lie in [0, 0.5), got {cfg.holdout}")
     if not 0 < cfg.min_area <= 1:
         raise ConfigError(f"--min-area must lie in (0, 1], got {cfg.min_area}")
     if cfg.source_ratio < 1:

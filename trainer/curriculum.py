@@ -35,6 +35,10 @@ class CurriculumPlan:
     patch: int = 16
     until: float | None = None
 
+    def tokens(self, size: int) -> int:
+        """Patches per image at ``size`` px."""
+        return (size // self.patch) ** 2
+
     def __post_init__(self) -> None:
         flag = "--curriculum"
         if self.step <= 0:

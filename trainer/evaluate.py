@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -78,6 +79,7 @@ class Evaluator:
         self.evaluate_model = functools.partial(evaluate, world=world)
         self.last: dict[str, float] | None = None  # this epoch's evaluation (None: not current)
         self.last_s = last_s  # the last evaluation's seconds (kept across a resume)
+        self.size = cfg.final_eval_size  # the val loader's image size
         if last_s is not None:
             gate.record_eval(last_s)
 
@@ -119,7 +121,7 @@ class Evaluator:
         if self.gate.charge_eval:
             self.gate.record_eval(eval_s)
         fields = dict(step=s.step, epoch=round(s.epoch + s.epoch_progress, 4), stage=s.stage,
-                      image_size=self.cfg.final_eval_size, images=result.get("images"), top1=round(result["top1"], 5),
+                      image_size=self.size, images=result.get("images"), top1=round(result["top1"], 5),
                       top5=round(result["top5"], 5), eval_s=round(eval_s, 3), elapsed_s=round(self.budget.elapsed, 3))
         self.run_dir.log("eval", **fields)
         self.readout.update(**{k: v for k, v in fields.items() if k not in ("image_size", "images")})
@@ -127,3 +129,21 @@ class Evaluator:
             self.readout.message(f"epoch {fields['epoch']}: val top1 {100 * result['top1']:.2f}%  "
                                  f"top5 {100 * result['top5']:.2f}%")
         return result
+
+    def final(self, state: Any, size: int) -> dict[str, float]:
+        """The run's last evaluation, at ``size``: this epoch's when it is current and was made at that size."""
+        if self.last is not None and not state.epoch_progress > 0 and size == self.size:
+            return self.last
+        if size != self.size:
+            self.batches.set_stage(replace(self.batches.spec, image_size=size))
+            self.size = size
+        return self(state)
+
+    def measure_on(self, batches: Any) -> Callable[[int], dict[str, Any]]:
+        """``measure(size)``: the model's accuracy over ``batches`` (a loader of another split: the held-out
+        slice) at ``size``, charged like an evaluation; no event (the caller records what it decided)."""
+        def measure(size: int) -> dict[str, Any]:
+            batches.set_stage(replace(batches.spec, image_size=size))
+            with self.budget.uncharged(self.cfg.budget_counts == "train"):
+                return self.evaluate_model(self.net, batches, self.amp)
+        return measure

@@ -3,8 +3,8 @@ for, step until the epoch ends or the ranks agree to stop, evaluate — then the
 
 Everything else is a component the loop calls in one line: the stop gate (``trainer.budget``), the data-parallel
 agreement (``trainer.agreement``), the learning rate (``trainer.schedule.lr_at``), the reports
-(``trainer.metrics``), the evaluations (``trainer.evaluate``), the checkpoints (``trainer.checkpointer``) and the
-fast paths' fallbacks (``trainer.fastpath``).
+(``trainer.metrics``), the evaluations (``trainer.evaluate``), the checkpoints (``trainer.checkpointer``), the
+fast paths' fallbacks (``trainer.fastpath``) and the decisions made on a held-out slice (``trainer.decide``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from trainer.budget import Budget, StopGate
 from trainer.checkpointer import Checkpointer
 from trainer.config import TrainConfig
 from trainer.data import EVAL_BATCH, stage_batch, stage_spec
+from trainer.decide import decide_eval_size, hold_out
 from trainer.dist import World
 from trainer.evaluate import Evaluator
 from trainer.fastpath import RunPaths
@@ -87,7 +88,9 @@ class Trainer:
         if cfg.world_size != world.world_size:  # the lr rule reads the global batch
             cfg = replace(cfg, world_size=world.world_size)
         self.cfg, self.run_dir, self.readout, self.budget, self.clock = cfg, run, readout, budget, budget.clock
-        self.train_split, self.val_split, self.stop = train_split, val_split, stop or StopFlag()
+        self.held = hold_out(cfg, train_split)  # the slice the end's decisions are made on, never trained on
+        self.train_split = train_split = self.held.train
+        self.val_split, self.stop, self.loader = val_split, stop or StopFlag(), loader
         self.plan = cfg.plan()
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and world.distributed:
@@ -124,6 +127,7 @@ class Trainer:
                                         peak_flops(self.device), world.world_size, s.images_seen)
         self.evaluator = Evaluator(self.evaluated, val_batches, self.amp, budget, self.gate, cfg, run,
                                    readout, world, last_s=resume.get("last_eval_s") if resume else None)
+        self.gate.scale_end(self.held.end_cost(cfg.image_size, self.plan.patch, len(val_split)))
         self.agreement = Agreement(world, budget, self.gate, cfg.log_every_s, diverged=self.step.diverged,
                                    settling=lambda: self.step.settling, step=s.step)
         self.params = sum(p.numel() for p in self.net.parameters())
@@ -133,7 +137,7 @@ class Trainer:
         self.pass_cut = False  # the last pass ended early, at a time-placed stage change
         self._t_prev = budget.elapsed
         if resume:  # a resumed run enters no stage: its first steps settle the step all the same
-            self.gate.begin_stage(self.tokens(s.image_size))
+            self.gate.begin_stage(self.plan.tokens(s.image_size))
 
     # -- the run, top to bottom ------------------------------------------------------------------------------------
 
@@ -171,10 +175,10 @@ class Trainer:
         s = self.state
         target = int(self.world.rank0(self.target_stage()))
         size = self.plan.size_of(target)
-        if s.stage >= 0 and not self.agreed(self.gate.can_enter_stage(self.tokens(size))):
+        if s.stage >= 0 and not self.agreed(self.gate.can_enter_stage(self.plan.tokens(size))):
             return self.close_stages(target, size)
         start = self.clock()
-        self.gate.begin_stage(self.tokens(size))
+        self.gate.begin_stage(self.plan.tokens(size))
         s.stage, s.image_size = target, size
         s.batch_size = stage_batch(self.cfg, size, len(self.train_split))
         s.peak_lr = peak_lr(self.cfg, s.batch_size)  # the schedule scales it step by step
@@ -199,7 +203,7 @@ class Trainer:
     def close_stages(self, target: int, size: int) -> bool:
         """The next stage's entry does not fit in what is left: no later stage is entered."""
         self.stages_closed = True
-        estimate = self.gate.entry_estimate(self.tokens(size)) or 0.0
+        estimate = self.gate.entry_estimate(self.plan.tokens(size)) or 0.0
         self.run_dir.log("stage_skipped", stage=target, image_size=size, entry_estimate_s=round(estimate, 3),
                          remaining_s=round(self.budget.remaining, 3), elapsed_s=round(self.budget.elapsed, 3))
         self.readout.message(f"stage {target} ({size} px) not entered: entering it takes ~{estimate:.1f}s and "
@@ -280,14 +284,14 @@ class Trainer:
         """The final evaluation (unless the last epoch's is current), the final checkpoint and weights."""
         s = self.state
         train_s = self.budget.elapsed
-        last = self.evaluator.last if self.evaluator.last is not None and not s.epoch_progress > 0 \
-            else self.evaluator(s)
         self.train_batches.close()
+        size, decision = final_eval_size(self)
+        last = self.evaluator.final(s, size)
         self.evaluator.batches.close()
         final_checkpoint = self.checkpointer.save(self.evaluator.last_s)
         if self.world.is_main:
             save_safetensors_atomic(self.evaluated.state_dict(), self.run_dir.path / "model.safetensors")
-        return summary(self, last, train_s, final_checkpoint)
+        return summary(self, last, train_s, final_checkpoint, decision)
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -311,18 +315,33 @@ class Trainer:
         return stage_spec(self.cfg, self.device, size, batch, seed=self.cfg.seed + self.state.attempt, train=train,
                           world=self.world)
 
-    def tokens(self, size: int) -> int:
-        return (size // self.plan.patch) ** 2
-
     def announce(self) -> None:
         if self.mode_note:  # an explicit --step that cannot run here: loud, or under --strict-fast-paths, the end
             self.paths.cannot_run(self.mode_note)
         self.metrics.announce(params=self.params, amp=self.amp, step_mode=self.mode,
                               fused_ffn=self.paths.running["ffn"], attempt=self.state.attempt,
-                              train=self.train_split, val=self.val_split)
+                              train=self.train_split, val=self.val_split, holdout=self.held.record())
 
 
-def summary(t: Trainer, last: dict[str, Any], train_s: float, checkpoint: Path) -> dict[str, Any]:
+def final_eval_size(t: Trainer) -> tuple[int, dict[str, Any]]:
+    """The final evaluation's size: --eval-size, or the best on the held-out slice (``trainer.decide``), as an
+    ``eval_size`` event."""
+    held, size = t.held, t.state.image_size
+    batches = held.slice and t.loader(held.slice, t.spec(size, EVAL_BATCH, train=False), train=False,
+                                      device=t.device, on_fallback=t.paths.decoder_fell_back("holdout"))
+    try:
+        size, record = decide_eval_size(t.cfg, held, size, t.plan.patch, t.evaluator.measure_on(batches))
+    finally:
+        if batches:
+            batches.close()
+    t.run_dir.log("eval_size", **record, elapsed_s=round(t.budget.elapsed, 3))
+    if held.slice is not None:
+        t.readout.message(f"eval size {size} px: {record['why']}")
+    return size, record
+
+
+def summary(t: Trainer, last: dict[str, Any], train_s: float, checkpoint: Path,
+            decision: dict[str, Any]) -> dict[str, Any]:
     """summary.json of a run that reached the end of its budget: the final evaluation, what was trained, what ran."""
     s, cfg, elapsed = t.state, t.cfg, t.budget.elapsed
     return {
@@ -331,7 +350,9 @@ def summary(t: Trainer, last: dict[str, Any], train_s: float, checkpoint: Path) 
         "epochs": round(s.images_seen / len(t.train_split), 4), "steps": s.step, "images_seen": s.images_seen,
         "elapsed_s": round(elapsed, 3), "train_s": round(train_s, 3), "budget_s": cfg.budget_s,
         "overshoot_s": round(elapsed - cfg.budget_s, 3), "stop_reason": "budget", "model": cfg.model,
-        "image_size": s.image_size, "eval_size": cfg.final_eval_size, "stages_reached": s.stage + 1,
+        # the size the run trained at last, and the one it was evaluated at (decided how, and on what)
+        "image_size": s.image_size, "eval_size": t.evaluator.size, "stages_reached": s.stage + 1,
+        "decisions": {"holdout": t.held.record(), "eval_size": decision},
         "stages_skipped": t.stages_closed, "params": t.params, "step_mode": t.mode,
         "fused_ffn": t.paths.running["ffn"], "decoder": t.decoder,
         # what ran at each stage this process entered, and every fast path that fell back (and why)

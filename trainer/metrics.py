@@ -76,20 +76,23 @@ class MetricsProcessor:
         self.readout.update(**fields)
 
     def announce(self, *, params: int, amp: Any, step_mode: str, fused_ffn: bool, attempt: int, train: Any,
-                 val: Any) -> None:
+                 val: Any, holdout: dict[str, Any]) -> None:
         """The ``start`` event, the one-line description, data-parallel's line and (first attempt only) the plan.
-        ``train``, ``val``: the splits."""
+        ``train``, ``val``: the splits; ``holdout``: the slice held out of train for the end's decisions."""
         cfg = self.cfg
         self.run_dir.log("start", model=cfg.model, params=params, device=str(self.device), amp=str(amp),
                          step_mode=step_mode, fused_ffn=fused_ffn, attempt=attempt, world_size=self.world_size,
                          global_batch=cfg.global_batch, train_images=len(train), val_images=len(val),
                          stages=[asdict(st) for st in self.plan.stages()],
                          skipped_files={"train": dict(train.skipped), "val": dict(val.skipped)},
-                         eval_size=cfg.final_eval_size, elapsed_s=round(self.budget.elapsed, 3))
+                         eval_size=cfg.eval_size or ("auto" if holdout["images"] else cfg.image_size),
+                         decisions={"holdout": holdout}, elapsed_s=round(self.budget.elapsed, 3))
+        eval_at = (f"eval size chosen at the end on {holdout['images']} held-out training images"
+                   if holdout["images"] else f"eval at {cfg.final_eval_size} px")
         self.readout.message(f"{cfg.model} ({params / 1e6:.1f}M params) on {self.device}, amp {amp}, step "
                              f"{step_mode}{', fused FFN' if fused_ffn else ''}, peak lr {cfg.peak_lr:.3g}, "
                              f"{len(train)} train / {len(val)} val images, {len(train.classes)} classes, "
-                             f"budget {cfg.budget_s:.0f}s, eval at {cfg.final_eval_size} px")
+                             f"budget {cfg.budget_s:.0f}s, {eval_at}")
         if self.world_size > 1:
             self.readout.message(f"data-parallel: {self.world_size} processes x batch {cfg.batch_size} = "
                                  f"{cfg.global_batch} images per step (the lr follows the global batch)")

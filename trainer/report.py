@@ -57,6 +57,16 @@ class Run:
         return (self.summary or {}).get(key)
 
     @property
+    def sizes(self) -> str:
+        """"train px → eval px": what the run trained at last and was evaluated at (the plan's, before the end)."""
+        summary, cfg = self.summary or {}, self.config
+        train = summary.get("image_size") or cfg.get("image_size")
+        evaluated = summary.get("eval_size") or cfg.get("eval_size") or cfg.get("image_size")
+        if train is None:
+            return "-"
+        return f"{train}" if evaluated in (None, train) else f"{train} → {evaluated}"
+
+    @property
     def top1(self) -> float | None:
         if self.summary and self.summary.get("top1") is not None:
             return self.summary["top1"]
@@ -192,12 +202,12 @@ def sort_runs(runs: list[Run]) -> list[Run]:
 
 
 def run_table(runs: list[Run]) -> str:
-    head = ("| run | model | preset | final size | budget | device | step · FFN · decoder | top-1 | top-5 | epochs | "
+    head = ("| run | model | preset | train → eval px | budget | device | step · FFN · decoder | top-1 | top-5 | epochs | "
             "images seen | mean img/s | stop |")
     rows = [head, "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sort_runs(runs):
         rows.append(f"| {r.name} | {r.config.get('model', '-')} | {r.config.get('preset') or '-'} | "
-                    f"{r.config.get('image_size', '-')} | {_budget(r)} | {r.device or '-'} | {fast_paths(r)} | "
+                    f"{r.sizes} | {_budget(r)} | {r.device or '-'} | {fast_paths(r)} | "
                     f"{_pct(r.top1)} | "
                     f"{_pct(r.top5)} | {_num(r.epochs, '.2f')} | {_num(r.images_seen, ',')} | "
                     f"{_num(r.mean_ips, '.0f')} | {r.status} |")

@@ -44,7 +44,12 @@ class OpenedRun:
 
     @property
     def eval_size(self) -> int:
-        return self.cfg.final_eval_size
+        """The size the run's final evaluation used (summary.json: chosen on its held-out slice, or --eval-size),
+        else the configured one."""
+        try:
+            return int(json.loads((self.path / "summary.json").read_text())["eval_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.cfg.final_eval_size
 
 
 def check_size(flag: str, size: int) -> int:
