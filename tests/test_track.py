@@ -182,9 +182,11 @@ def test_an_mlflow_server_that_goes_away_costs_one_warning_not_the_run(tmp_path,
     """A run (its own process) tracking to an MLflow server that is killed once it has taken metrics: exit 0,
     exactly one warning line, and the run trains and evaluates on to its budget."""
     port = _free_port()
+    # the server's store and artifacts (by default ./mlartifacts, beside where it runs) in this test's folder
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{tmp_path}/server.db", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+                               str(tmp_path / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # its own process group: the server and its uvicorn worker
     try:
         deadline = time.monotonic() + 60
