@@ -61,7 +61,20 @@ def test_bad_data_folder_exits_2(tmp_path, capsys, make, needle):
 )
 def test_bad_flags_exit_2(tmp_path, capsys, colour_dataset, flags, needle):
     """Each bad flag value: exit 2, one stderr line naming the flag, no run folder."""
-    _refused(capsys, ["--data", str(colour_dataset), *flags], tmp_path / "run", needle)
+    given = flags if "--budget" in flags else [*flags, "--budget", "1m"]
+    _refused(capsys, ["--data", str(colour_dataset), *given], tmp_path / "run", needle)
+
+
+def test_own_data_without_a_budget_is_refused(tmp_path, capsys, colour_dataset):
+    """A user's own folder without --budget would silently mean 24 hours: exit 2, one line naming --budget and
+    what to give, nothing written. The demo and a preset that sets a budget keep their own."""
+    _refused(capsys, ["--data", str(colour_dataset)], tmp_path / "run", "--budget is required with your own data")
+    _refused(capsys, ["--data", str(colour_dataset), "--preset", "fast"], tmp_path / "run", "--budget 10m")
+    from trainer.config import parse_args
+
+    assert parse_args(["--data", "demo"], require_budget=True).budget_s == 180.0
+    assert parse_args(["--data", "x", "--preset", "paper-ours"], require_budget=True).budget_s == 24 * 3600.0
+    assert parse_args(["--data", "x", "--budget", "10m"], require_budget=True).budget_s == 600.0
 
 
 def test_console_script_exit_code_is_2(tmp_path):
@@ -128,7 +141,7 @@ def test_run_directory_must_be_new(tmp_path, capsys, colour_dataset):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    assert main(["--data", str(colour_dataset), "--out", str(out)]) == 2
+    assert main(["--data", str(colour_dataset), "--budget", "1m", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
@@ -212,3 +225,37 @@ def test_files_that_are_not_images_are_counted_at_start(tmp_path, capsys, fake_t
     assert "skipped 1 file: .csv 1" in err and "skipped 1 file: .pdf 1" in err
     start = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line)
     assert start["skipped_files"] == {"train": {".csv": 1}, "val": {".pdf": 1}}
+
+
+def test_the_start_says_when_the_run_ends_and_what_a_cpu_buys(monkeypatch):
+    """The plan's last lines: the clock time the budget ends, and on a CPU with a large model or image size the
+    img/s and epochs its FLOPs allow there; nothing of the kind for a small model at a small size."""
+    import datetime
+
+    import torch
+
+    from model import build_model
+    from trainer import metrics
+    from trainer.budget import Budget
+    from trainer.config import parse_args
+
+    class Now(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 22, 30)
+
+    monkeypatch.setattr(metrics.datetime, "datetime", Now)
+    cpu = torch.device("cpu")
+    small = parse_args(["--data", "x", "--model", "vit_local_test_patch16", "--image-size", "32", "--budget", "2h"])
+    net = build_model(small.model, num_classes=10, image_size=32)
+    params = sum(p.numel() for p in net.parameters())
+    lines = metrics.cost_lines(small, Budget(small.budget_s, clock=lambda: 0.0), cpu, net, params, 1000)
+    assert lines == ["the run ends by 2026-12-07 00:30 (local time; 2h from now)"]
+
+    big = parse_args(["--data", "x", "--model", "vit_local_test_patch16", "--image-size", "224", "--budget", "24h"])
+    net = build_model(big.model, num_classes=10, image_size=224)
+    [end, cost] = metrics.cost_lines(big, Budget(big.budget_s, clock=lambda: 0.0), cpu, net, params, 1000)
+    assert end.startswith("the run ends by 2026-12-07 22:30")
+    assert cost.startswith("vit_local_test_patch16 at 224 px on the CPU: ~") and "epochs in this budget" in cost
+    assert metrics.cost_lines(big, Budget(big.budget_s, clock=lambda: 0.0), torch.device("cuda"), net, params,
+                              1000) == [end]  # on a GPU: the end only

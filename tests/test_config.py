@@ -132,7 +132,7 @@ def test_defaults_and_help_come_from_one_declaration():
         if f.metadata.get("flag") is False:
             continue
         assert flag_name(f) in text
-    assert "--budget BUDGET wall-clock budget" in text and "(default: 24h)" in text
+    assert "--budget BUDGET wall-clock budget" in text and "(default: 24h; 3m with --data demo)" in text
     assert "(default: 224; 96 with --data demo)" in text
 
 

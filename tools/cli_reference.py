@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.config import DEMO_LAYER, _default, _flag_fields, build_parser, flag_name
+from trainer.config import DEMO_LAYER, _default, _flag_fields, build_parser, demo_default, flag_name
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 # The rules around the flags, after the table (hand-written: they are not in any one flag's declaration)
@@ -50,7 +50,7 @@ def render() -> str:
         elif shown is None:
             shown = "—"
         if f.name in DEMO_LAYER:
-            shown = f"{shown} (`--data demo`: {DEMO_LAYER[f.name]})"
+            shown = f"{shown} (`--data demo`: {demo_default(f)})"
         choices = ", ".join(f"`{c}`" for c in meta.get("choices") or ()) or ""
         lines.append(f"| `{flag_name(f)}` | {_cell(shown)} | {choices} | {_cell(meta['help'])} |")
     parser = build_parser()

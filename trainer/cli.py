@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
     except ValueError as e:
         return _fail(f"torchrun's environment: {e}")
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, require_budget=True)
     except ListPresets:
         from trainer.presets import describe_presets
 

@@ -26,7 +26,9 @@ DEMO = "demo"
 DEFAULT_CURRICULUM = "32:32@60%"  # what --curriculum auto (the default) means on CUDA; on the CPU, a fixed size
 # What --data demo changes, over the defaults: its data, not its recipe. The demo's images are generated at 64-500 px
 # and it is meant to learn in minutes on a 2-core CPU, so a tiny model at 96 px.
-DEMO_LAYER: dict[str, Any] = {"model": "vit_local_tiny_patch16", "image_size": 96}
+DEMO_LAYER: dict[str, Any] = {"model": "vit_local_tiny_patch16", "image_size": 96, "budget_s": 180.0}
+NO_BUDGET = ("--budget is required with your own data (the run trains until it is spent): --budget 10m to try it, "
+             "--budget 24h for the paper's benchmark")
 
 _BUDGET_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -157,7 +159,8 @@ class TrainConfig:
                           "{train,validation} brace")
     out: str | None = opt(None, "run directory (default: runs/<timestamp>)")
     preset: str | None = opt(None, "a named configuration (see --list-presets); flags given override it")
-    budget_s: float = opt(24 * 3600.0, "wall-clock budget: 24h, 90m, 3m, 45s, 1h30m or seconds", flag="--budget",
+    budget_s: float = opt(24 * 3600.0, "wall-clock budget: 24h, 90m, 3m, 45s, 1h30m or seconds; required with your "
+                                       "own data (the paper-* presets: 24h)", flag="--budget",
                           type=_duration("--budget"), show=format_duration)
     budget_counts: str = opt("all", "charge everything to the budget (all) or training only (train, the paper's "
                                     "count)", choices=("all", "train"))
@@ -300,6 +303,12 @@ def _flag_fields() -> list[Field]:
     return [f for f in fields(TrainConfig) if f.metadata.get("flag") is not False]
 
 
+def demo_default(f: Field) -> Any:
+    """A field's value with ``--data demo``, as its help shows it."""
+    value = DEMO_LAYER[f.name]
+    return f.metadata["show"](value) if f.metadata.get("show") else value
+
+
 def flag_name(f: Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -358,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in _flag_fields():
         meta, default = f.metadata, _default(f)
         shown = meta["show"](default) if meta.get("show") else default
-        demo = f"; {DEMO_LAYER[f.name]} with --data demo" if f.name in DEMO_LAYER else ""
+        demo = f"; {demo_default(f)} with --data demo" if f.name in DEMO_LAYER else ""
         shown = f"{shown}{demo}".replace("%", "%%")  # argparse formats help with %
         help_text = meta["help"] + (f" (default: {shown})" if default is not None and not meta.get("action") else "")
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
@@ -394,8 +403,9 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     return cfg
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly).
+def parse_args(argv: list[str] | None = None, require_budget: bool = False) -> TrainConfig:
+    """Parse and check flags. Raises ConfigError (argparse's own errors exit 2 directly). ``require_budget`` (the
+    command line's): a run on the user's own data needs ``--budget`` unless a preset sets one.
 
     Layers, each over the one before: the fields' defaults, the demo's (with ``--data demo``), a preset's, the
     flags given. With ``--resume RUN_DIR`` the run's own saved configuration is returned (other flags are ignored).
@@ -434,6 +444,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 shown = f.metadata["show"] if f.metadata.get("show") else (lambda v: v)
                 overrides.append(f"{flag_name(f)} {shown(_convert(f, given[f.name], ''))} (preset: {value})")
         values["preset"] = given["preset"]
+    if require_budget and not ({"budget_s", "profile", "check_gpu"} & given.keys()) and given["data"] != DEMO \
+            and "budget" not in (preset if "preset" in given else {}):
+        raise ConfigError(NO_BUDGET)
     for name, value in given.items():
         values[name] = _convert(by_name[name], value, "")
     cfg = TrainConfig(**values)

@@ -318,7 +318,7 @@ class Trainer:
     def announce(self) -> None:
         if self.mode_note:  # an explicit --step that cannot run here: loud, or under --strict-fast-paths, the end
             self.paths.cannot_run(self.mode_note)
-        self.metrics.announce(params=self.params, amp=self.amp, step_mode=self.mode,
+        self.metrics.announce(net=self.net, params=self.params, amp=self.amp, step_mode=self.mode,
                               fused_ffn=self.paths.running["ffn"], attempt=self.state.attempt,
                               train=self.train_split, val=self.val_split, holdout=self.held.record())
 

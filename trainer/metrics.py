@@ -4,6 +4,8 @@ to the readout. ``NAMESPACED`` is the one map from an event's fields to the name
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 
 from trainer.budget import Budget
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, format_duration
 from trainer.curriculum import CurriculumPlan
 from trainer.data import stage_batch
 from trainer.readout import Readout
@@ -58,6 +60,29 @@ def plan_lines(plan: CurriculumPlan, cfg: TrainConfig, train_images: int) -> lis
     return lines
 
 
+# What a CPU core sustains on this model family in training, measured: vit_local_tiny_patch16 at 64 px trains at
+# ~0.14 TFLOP/s on the 2-core machine of docs/benchmarks.md (the train lines' TFLOP/s)
+CPU_FLOPS_PER_CORE = 70e9
+LARGE_PARAMS, LARGE_SIZE = 10_000_000, 160  # a model or image size a CPU takes hours over
+
+
+def cost_lines(cfg: TrainConfig, budget: Budget, device: torch.device, net: torch.nn.Module, params: int,
+               train_images: int) -> list[str]:
+    """When the run ends on the wall clock, and on a CPU with a large model or image size what the budget buys
+    there (an estimate from the model's FLOPs), so nobody waits a day for a surprise."""
+    end = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, budget.remaining))
+    lines = [f"the run ends by {end:%Y-%m-%d %H:%M} (local time; {format_duration(budget.remaining)} from now)"]
+    if device.type == "cpu" and (params >= LARGE_PARAMS or cfg.image_size >= LARGE_SIZE):
+        from model.flops import forward_flops
+
+        per_image = 3.0 * forward_flops(net, cfg.image_size)
+        ips = CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / per_image
+        epochs = ips * budget.remaining / max(1, train_images)
+        lines.append(f"{cfg.model} at {cfg.image_size} px on the CPU: ~{ips:.0f} img/s, ~{epochs:.1f} epochs in this "
+                     f"budget (an estimate from its FLOPs); a GPU, a smaller --model or --image-size goes further")
+    return lines
+
+
 class MetricsProcessor:
     """The run's reports. ``world_size`` processes step together: images are counted over all of them."""
 
@@ -75,8 +100,8 @@ class MetricsProcessor:
         self.run_dir.log(event, **fields)
         self.readout.update(**fields)
 
-    def announce(self, *, params: int, amp: Any, step_mode: str, fused_ffn: bool, attempt: int, train: Any,
-                 val: Any, holdout: dict[str, Any]) -> None:
+    def announce(self, *, net: torch.nn.Module, params: int, amp: Any, step_mode: str, fused_ffn: bool,
+                 attempt: int, train: Any, val: Any, holdout: dict[str, Any]) -> None:
         """The ``start`` event, the one-line description, data-parallel's line and (first attempt only) the plan.
         ``train``, ``val``: the splits; ``holdout``: the slice held out of train for the end's decisions."""
         cfg = self.cfg
@@ -99,6 +124,8 @@ class MetricsProcessor:
         if not attempt:
             for text in plan_lines(self.plan, self.cfg, self.train_images):
                 self.readout.message(text)
+        for text in cost_lines(cfg, self.budget, self.device, net, params, self.train_images):
+            self.readout.message(text)
 
     def maybe_log(self, state: Any, loss: torch.Tensor | None, flops_per_image: float,
                   check_finite: Callable[[int], None] | None) -> None:
