@@ -271,3 +271,127 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path):
     assert calls["good"][-1] == ("close", ("FAILED",))  # closed without a summary: an unexpected end
     assert [c[0] for c in calls["bad"]] == ["abandon"]  # dropped at its first failure, nothing after
     assert json.loads((tmp_path / "track.json").read_text()) == {"good": {"id": "good"}, "bad": {"id": "bad"}}
+
+
+def _files(folder: Path) -> dict[str, bytes | str]:
+    """A folder's files (their bytes) and links (their targets), by relative path."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def _no_login(*_: object, **__: object) -> None:
+    """wandb.init in online mode without an API key (what W&B raises when no `wandb login` was made)."""
+    import wandb
+
+    raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+
+@pytest.mark.parametrize(("track", "refused", "needle"), [
+    ("mlflow", "mlflow", "--track mlflow: could not start at MLFLOW_TRACKING_URI=file:"),
+    ("tensorboard,mlflow,wandb", "mlflow", "--track mlflow: could not start at MLFLOW_TRACKING_URI=file:"),
+    ("tensorboard,mlflow,wandb", "wandb", "--track wandb: could not start at W&B online (https://api.wandb.ai, "
+                                          "project vitbudget) (UsageError: No API key configured"),
+])
+def test_a_tracker_that_does_not_start_ends_the_run_before_it_trains(tmp_path, colour_dataset, capfd, monkeypatch,
+                                                                     track, refused, needle):
+    """MLflow 3 refusing a file store, or W&B online without a login: exit 2 and one line naming the tool and its
+    store, before any training step; what the tools that did start wrote (TensorBoard's and W&B's files in the run
+    directory, the MLflow store beside it) is removed with the folders the start made."""
+    import wandb
+
+    store = tmp_path / "file-store"
+    if refused == "mlflow":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    else:
+        monkeypatch.setenv("WANDB_MODE", "online")
+        monkeypatch.setattr(wandb, "init", _no_login)
+    monkeypatch.setattr("trainer.cli.train", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "runs" / "run"
+    assert main(["--data", str(colour_dataset), *TINY, "--budget", "30s", "--out", str(out), "--track", track]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vit-train: error: ") and needle in err, err
+    assert not (tmp_path / "runs").exists() and not store.exists()
+
+
+def test_a_resumed_run_whose_tracker_does_not_start_is_left_as_it_was(tmp_path, colour_dataset, capfd, monkeypatch,
+                                                                      fake_time):
+    """A stopped run resumed where W&B does not start (online, no login), then where MLflow does not (its run gone
+    from the store): exit 2 each time, and the runs folder is as it was (TensorBoard's new events file and W&B's new
+    offline run removed, W&B's latest-run and debug links pointed back, track.json unchanged), the MLflow run back
+    to its status."""
+    import wandb
+    from mlflow.exceptions import MlflowException
+
+    out = tmp_path / "runs" / "run"
+    flags = ["--data", str(colour_dataset), *TINY, "--budget", "4s", "--ckpt-every", "1s", "--out", str(out)]
+    assert main([*flags, "--track", "tensorboard,mlflow,wandb"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**summary, "stop_reason": "stopped"}))  # as if SIGTERM'd: resumable
+    client, run_id = _mlflow(out)
+    before = _files(out.parent)
+    before.pop("mlflow.db")  # the store beside the run directory: the run's status is compared instead
+    capfd.readouterr()
+
+    def gone(*_: object) -> None:
+        raise MlflowException(f"Run with id={run_id} not found")
+
+    for refused, needle in (("wandb", "--track wandb: could not start at W&B online"),
+                            ("mlflow", f"--track mlflow: could not start at sqlite:///{out.parent}/mlflow.db (this "
+                                       f"run's track.json) (MlflowException: Run with id={run_id} not found)")):
+        with monkeypatch.context() as m:
+            if refused == "wandb":
+                m.setenv("WANDB_MODE", "online")
+                m.setattr(wandb, "init", _no_login)
+            else:
+                m.setattr(MlflowClient, "get_run", gone)
+            assert main(flags) == 2  # a resume: its tools are the first attempt's (config.json)
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        after = _files(out.parent)
+        assert after.pop("mlflow.db") and after == before, refused
+        assert client.get_run(run_id).info.status == "FINISHED"
+
+
+class _Tool:
+    """A fake tool: ``open`` as given; records its undo."""
+
+    def __init__(self, name: str, open_: object, undone: list, **_: object) -> None:
+        self.name, self.open_, self.undone = name, open_, undone
+
+    def where(self) -> str:
+        return f"{self.name}-store"
+
+    def open(self) -> dict:
+        return self.open_()
+
+    def undo(self) -> None:
+        self.undone.append(self.name)
+
+
+def _refused() -> dict:
+    raise ConnectionRefusedError("refused")
+
+
+def _slow() -> dict:
+    time.sleep(1.0)
+    return {"id": "slow"}
+
+
+@pytest.mark.parametrize(("open_", "needle"), [
+    (_refused, "--track bad: could not start at bad-store (ConnectionRefusedError: refused)"),
+    (_slow, "--track bad: did not start within 0.3s at bad-store"),
+])
+def test_a_tool_that_does_not_start_undoes_the_others(tmp_path, monkeypatch, open_, needle):
+    """The adapter layer alone: a tool whose open raises, or takes longer than START_TIMEOUT_S, raises
+    TrackerStartError naming it and its store; the tool that did start undoes its start, no track.json is written,
+    and the folders the start made are removed."""
+    from trainer import track
+
+    monkeypatch.setattr(track, "START_TIMEOUT_S", 0.3)
+    undone: list[str] = []
+    adapters = {"good": lambda **kw: _Tool("good", lambda: {"id": "good"}, undone),
+                "bad": lambda **kw: _Tool("bad", open_, undone)}
+    with pytest.raises(track.TrackerStartError) as e:
+        track.Tracking("good,bad", tmp_path / "new" / "run", "p", False, adapters=adapters)
+    assert str(e.value) == needle
+    assert undone[0] == "good" and not (tmp_path / "new").exists()

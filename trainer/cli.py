@@ -138,6 +138,7 @@ class _Checked:
     val_split: Any
     demo_build_s: float
     data_root: str  # absolute: the folder, or the wds: spec
+    tracking: Any = None  # rank 0's started --track tools (trainer.track.Tracking), if any
 
 
 def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
@@ -174,8 +175,8 @@ def _main(cfg: TrainConfig, world: dist.World, started_at: float) -> int:
 
 
 def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | None:
-    """The flags against the run directory and the data, on every rank, before anything is written: None (and
-    one line, from rank 0) if any rank failed."""
+    """The flags against the run directory and the data, on every rank, before anything is written, then rank 0's
+    start of the --track tools (undone if one does not start): None (and one line, from rank 0) if any failed."""
     failure, root = None, None
     try:
         if (cfg.profile or cfg.check_gpu) and world.distributed:
@@ -209,8 +210,24 @@ def _start_checks(cfg: TrainConfig, world: dist.World, say: Say) -> _Checked | N
         failure = str(e)
     if not _checks_passed(world, failure):
         return None
+    tracking, failure = _start_tracking(cfg, out, world)
+    if cfg.track and not _checks_passed(world, failure):
+        return None
     data_root = root if isinstance(root, str) else str(train_split.root.parent.resolve())
-    return _Checked(cfg, out, resume, train_split, val_split, demo_build_s, data_root)
+    return _Checked(cfg, out, resume, train_split, val_split, demo_build_s, data_root, tracking)
+
+
+def _start_tracking(cfg: TrainConfig, out: Path, world: dist.World) -> tuple[Any, str | None]:
+    """Rank 0 starts the --track tools once the flags and the data have passed, before anything else is written: a
+    tool that does not start (a refused store or URI, no W&B login) is a failed check, and its start is undone."""
+    if not cfg.track or cfg.profile or cfg.check_gpu or not world.is_main:
+        return None, None
+    from trainer.track import TrackerStartError, Tracking
+
+    try:
+        return Tracking(cfg.track, out, cfg.track_project, cfg.track_artifacts), None
+    except TrackerStartError as e:
+        return None, str(e)
 
 
 def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
@@ -222,13 +239,7 @@ def _open_run(checked: _Checked, world: dist.World, budget: Budget) -> RunDir:
     cfg, resume, train_split = checked.cfg, checked.resume, checked.train_split
     if not world.is_main:
         return NullRunDir(checked.out)
-    tracking = None
-    if cfg.track and not cfg.profile:
-        from trainer.track import Tracking
-
-        def tracking(path: Path) -> Tracking:
-            return Tracking(cfg.track, path, cfg.track_project, cfg.track_artifacts)
-    run = RunDir(checked.out, tracking=tracking)
+    run = RunDir(checked.out, tracking=checked.tracking)
     if resume:
         run.log("resume", checkpoint=resume["path"], step=resume["state"]["step"],
                 spent_before_s=round(budget.spent_before, 3), world_size=world.world_size)

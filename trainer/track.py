@@ -3,8 +3,10 @@ MLflow and Weights & Biases (``--track tensorboard,mlflow,wandb``).
 
 Nothing here measures anything: ``Tracking.event`` turns each metrics line into the same named scalars, texts and
 hyperparameters for every tool, and hands them to one worker thread per tool, so a slow or failing tool never
-holds up a training step. A tool that raises is dropped with one warning line and the run goes on; all are
-flushed and closed on every exit path. Rank 0 alone tracks (the other ranks' RunDir writes nothing).
+holds up a training step. The tools start before the run trains (``Tracking`` waits for them): one that does not
+start (a refused store or URI, no W&B login, a broken install) is a configuration error, ``TrackerStartError``, and
+what the start made is undone. A tool that raises after its start is dropped with one warning line and the run goes
+on; all are flushed and closed on every exit path. Rank 0 alone tracks (the other ranks' RunDir writes nothing).
 
 A resumed run continues the same tracked run: the tools' run ids are kept in ``RUN_DIR/track.json``, and the
 steps a resumed run trains again (from its checkpoint to where the killed attempt had logged) are not sent twice.
@@ -13,7 +15,9 @@ steps a resumed run trains again (from its checkpoint to where the killed attemp
 from __future__ import annotations
 
 import json
+import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -26,6 +30,7 @@ from trainer.rundir import read_events, write_json_atomic
 
 BATCH_S = 5.0  # a tool receives the run's events at most this late, in one call per kind
 CLOSE_TIMEOUT_S = 60.0  # what the end of a run waits for a tool to drain its queue and close
+START_TIMEOUT_S = 60.0  # what the run waits for its tools to start before it trains: longer is a start failure
 STATE_FILE = "track.json"
 
 ENDS = {"budget": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "diverged": "FAILED", "error": "FAILED"}
@@ -34,8 +39,41 @@ ENDS = {"budget": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED", "div
 Row = tuple[int, dict[str, float], float]  # one metrics line's scalars: (step, {name: value}, its wall time)
 
 
+class TrackerStartError(Exception):
+    """A --track tool that did not start: the run ends before it trains (vit-train: exit 2). The message is one line
+    naming each such tool and its store; what the start wrote has been undone."""
+
+
 def warn(message: str) -> None:
     print(f"vit-train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _snapshot(folder: Path) -> dict[Path, str]:
+    """What a folder holds (recursively, links not followed): each path, with a link's target ('' otherwise)."""
+    if not folder.is_dir():
+        return {}
+    return {p: os.readlink(p) if p.is_symlink() else "" for p in folder.rglob("*")}
+
+
+def _restore(folder: Path, before: dict[Path, str], made: Path | None) -> None:
+    """Undo what a failed start wrote: the folder it made (``made``: the run directory or its topmost new parent),
+    or in a folder that was there (a resume) the paths that were not, and the links it re-pointed (W&B's)."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for path, target in sorted(_snapshot(folder).items()):  # a folder before what it holds
+        if path not in before and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif (path not in before or before[path] != target) and (path.exists() or path.is_symlink()):
+            path.unlink()
+            if before.get(path):
+                path.symlink_to(before[path])
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -86,14 +124,19 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 class _Worker:
-    """One tool's thread: opens the tool, then runs the calls queued for it in order, gathered for BATCH_S seconds
-    (the scalars of several metrics lines go to the tool in one call: one MLflow request, not one a line). The
-    first exception drops the tool (one warning); what is queued after is discarded."""
+    """One tool's thread: opens the tool, waits for Tracking's verdict on the start (every tool started: go on; one
+    did not: undo this one's start), then runs the calls queued for it in order, gathered for BATCH_S seconds (the
+    scalars of several metrics lines go to the tool in one call: one MLflow request, not one a line). After the
+    start, the first exception drops the tool (one warning); what is queued after is discarded."""
 
     def __init__(self, name: str, adapter: Any, on_open: Callable[[str, dict[str, Any]], None]) -> None:
         self.name, self.adapter, self.on_open = name, adapter, on_open
         self.calls: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
         self.failed = False
+        self.started = threading.Event()  # open() returned or raised
+        self.start_error: Exception | None = None
+        self.undo_error: Exception | None = None
+        self.verdict: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"track-{name}", daemon=True)
         self.thread.start()
 
@@ -103,8 +146,21 @@ class _Worker:
 
     def _run(self) -> None:
         try:
-            self.on_open(self.name, self.adapter.open() or {})
-        except Exception as e:  # noqa: BLE001 - any failure of the tool drops it, never the run
+            ids = self.adapter.open() or {}
+        except Exception as e:  # noqa: BLE001 - Tracking reports it: the run ends before it trains
+            self.start_error, self.failed = e, True
+            return self.started.set()
+        self.started.set()
+        if not self.verdict.get():  # another tool did not start: the run ends, and this tool's start is undone
+            self.failed = True
+            try:
+                return self.adapter.undo()
+            except Exception as e:  # noqa: BLE001 - Tracking reports it
+                self.undo_error = e
+                return None
+        try:
+            self.on_open(self.name, ids)
+        except Exception as e:  # noqa: BLE001 - from here on, a failure drops the tool, never the run
             return self._drop(e)
         finished = False
         while not finished:
@@ -127,10 +183,19 @@ class _Worker:
                 break
         return batch
 
+    def where(self) -> str:
+        where = getattr(self.adapter, "where", None)
+        return where() if callable(where) else self.name
+
+    def start_failure(self) -> str:
+        """Why this tool did not start, naming where it was to write."""
+        if self.start_error is None:
+            return f"--track {self.name}: did not start within {START_TIMEOUT_S:g}s at {self.where()}"
+        return f"--track {self.name}: could not start at {self.where()} ({_reason(self.start_error, 300)})"
+
     def _drop(self, e: Exception) -> None:
         self.failed = True
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        warn(f"tracker {self.name} failed ({type(e).__name__}: {text}); dropped, training goes on")
+        warn(f"tracker {self.name} failed ({_reason(e)}); dropped, training goes on")
         try:
             self.adapter.abandon()
         except Exception:  # noqa: BLE001, S110 - already reported
@@ -144,7 +209,8 @@ class _Worker:
 
 
 class Tracking:
-    """What RunDir feeds: the config, each metrics line, the summary, the close."""
+    """What RunDir feeds: the config, each metrics line, the summary, the close. Made before the run directory is
+    written: it starts every tool (at most START_TIMEOUT_S), or raises TrackerStartError with the start undone."""
 
     def __init__(self, track: str, run_dir: Path, project: str, artifacts: bool,
                  adapters: dict[str, Callable[..., Any]] | None = None) -> None:
@@ -156,8 +222,12 @@ class Tracking:
         self.state_lock = threading.Lock()
         state = self._read_state()
         make = adapters or ADAPTERS
+        made = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
+        before = _snapshot(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)  # the tools write in it (TensorBoard, W&B) or beside it (MLflow)
         self.workers = [_Worker(name, make[name](run_dir=run_dir, project=project, saved=state.get(name, {})),
                                 self._remember) for name in track.split(",")]
+        self._await_start(made, before)
 
     # -- the run's side (called on the training thread: cheap, never blocks) --------------------------------------
     def write_config(self, config: dict[str, Any]) -> None:
@@ -206,6 +276,26 @@ class Tracking:
             w.finish(deadline)
 
     # -- internals ---------------------------------------------------------------------------------------------
+    def _await_start(self, made: Path | None, before: dict[Path, str]) -> None:
+        """Every tool started: each goes on. Otherwise each undoes its start, the files it wrote are removed (what
+        ``made`` or ``before`` says was not there), and TrackerStartError names the tools that did not start."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for w in self.workers:
+            w.started.wait(max(0.0, deadline - time.monotonic()))
+        failed = [w for w in self.workers if w.start_error is not None or not w.started.is_set()]
+        for w in self.workers:
+            w.verdict.put(not failed)
+        if not failed:
+            return
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for w in self.workers:
+            if w.started.is_set():
+                w.thread.join(max(0.0, deadline - time.monotonic()))
+        _restore(self.run_dir, before, made)
+        lines = [w.start_failure() for w in failed] + [
+            f"--track {w.name}'s start was not undone ({_reason(w.undo_error)})" for w in self.workers if w.undo_error]
+        raise TrackerStartError("; ".join(lines))
+
     def _send(self, method: str, *args: Any) -> None:
         for w in self.workers:
             w.put(method, *args)
@@ -242,6 +332,9 @@ class TensorBoard:
         self.log_dir = run_dir / "tb"
         self.writer: Any = None
 
+    def where(self) -> str:
+        return str(self.log_dir)
+
     def open(self) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -275,33 +368,47 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.close()
 
+    def undo(self) -> None:
+        self.abandon()  # its new events file is removed with the rest of what the start wrote
+
 
 class MLflow:
     """MLFLOW_TRACKING_URI when set, else an SQLite store beside the run directory (RUNS/mlflow.db, artifacts in
-    RUNS/mlartifacts); experiment --track-project, run name the run directory's name."""
+    RUNS/mlartifacts); experiment --track-project, run name the run directory's name. A resume continues with the
+    store its first attempt used (track.json)."""
 
     def __init__(self, run_dir: Path, project: str, saved: dict[str, Any]) -> None:
         self.run_dir, self.project, self.saved = run_dir, project, saved
         self.client: Any = None
         self.run_id: str | None = saved.get("run_id")
+        self.db = run_dir.resolve().parent / "mlflow.db"  # the default store
+        self.uri = saved.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.db}"
+        self.resumed_from: str | None = None  # a resumed run's status before this attempt set it RUNNING
+        self.new_db = False  # this start made the default store
+
+    def where(self) -> str:
+        if self.saved.get("tracking_uri"):
+            return f"{self.uri} (this run's track.json)"
+        return f"MLFLOW_TRACKING_URI={self.uri}" if os.environ.get("MLFLOW_TRACKING_URI") else self.uri
 
     def open(self) -> dict[str, Any]:
-        import os
+        import logging
 
         from mlflow.tracking import MlflowClient
 
-        parent = self.run_dir.resolve().parent
-        uri = self.saved.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{parent}/mlflow.db"
-        self.client = MlflowClient(tracking_uri=uri)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not its notes on making tables
+        self.new_db = self.uri == f"sqlite:///{self.db}" and not self.db.exists()
+        self.client = MlflowClient(tracking_uri=self.uri)  # makes the store (refuses a file store, an unknown URI)
         if self.run_id:
+            self.resumed_from = self.client.get_run(self.run_id).info.status
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             exp = self.client.get_experiment_by_name(self.project)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.project, artifact_location=None if self.saved.get("tracking_uri") or
-                os.environ.get("MLFLOW_TRACKING_URI") else (parent / "mlartifacts").as_uri())
+                self.project, artifact_location=None if self.uri != f"sqlite:///{self.db}" else
+                (self.db.parent / "mlartifacts").as_uri())
             self.run_id = self.client.create_run(exp_id, run_name=self.run_dir.name).info.run_id
-        return {"run_id": self.run_id, "tracking_uri": uri}
+        return {"run_id": self.run_id, "tracking_uri": self.uri}
 
     def hparams(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -334,6 +441,16 @@ class MLflow:
     def abandon(self) -> None:
         pass  # nothing held open: the run stays as the server last saw it
 
+    def undo(self) -> None:
+        """A resumed run gets its status back; a new one is deleted (MLflow's soft delete), and the default store
+        too if this start made it. An experiment this start made in another store stays, empty."""
+        if self.resumed_from:
+            self.client.update_run(self.run_id, status=self.resumed_from)
+        elif self.run_id:
+            self.client.delete_run(self.run_id)
+            if self.new_db:
+                self.db.unlink(missing_ok=True)
+
 
 class WandB:
     """W&B by its own environment (WANDB_MODE=offline works without a network); files under RUN_DIR/wandb/."""
@@ -341,6 +458,12 @@ class WandB:
     def __init__(self, run_dir: Path, project: str, saved: dict[str, Any]) -> None:
         self.run_dir, self.project, self.saved = run_dir, project, saved
         self.run: Any = None
+
+    def where(self) -> str:
+        mode = os.environ.get("WANDB_MODE") or "online"
+        if mode in ("offline", "dryrun", "disabled"):
+            return f"W&B {mode} in {self.run_dir / 'wandb'}"
+        return f"W&B {mode} ({os.environ.get('WANDB_BASE_URL') or 'https://api.wandb.ai'}, project {self.project})"
 
     def open(self) -> dict[str, Any]:
         import wandb
@@ -378,6 +501,11 @@ class WandB:
     def abandon(self) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1)
+
+    def undo(self) -> None:
+        """Finished as failed: offline, its files are removed with the rest of what the start wrote; online, the run
+        this start made (or resumed) stays on the W&B server, failed."""
+        self.abandon()
 
 
 ADAPTERS: dict[str, Callable[..., Any]] = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
