@@ -94,11 +94,11 @@ echo '{{"timm_top1": 10.0, "ours_top1": 12.5, "wall_s": 3.0}}' > "$5/result.json
     assert battery.main(args) == 0
     lines = calls.read_text().splitlines()
     assert [line.split()[-1] for line in lines] == ["0", "1"]
-    assert all(line.split()[1:4] == ["vit_local_tiny_patch16", "64", "41"] for line in lines)
+    assert all(line.split()[1:4] == ["vit_local_tiny_patch16", "64", "21"] for line in lines)
     assert battery.main(args) == 0
     assert len(calls.read_text().splitlines()) == 2  # all done: nothing rerun
     table = (out / "battery.md").read_text()
-    assert "| emoji-twitter | long | 41 | 3 | 2/2 | 10.00 | 12.50 | +2.50 |" in table
+    assert "| emoji-twitter | long | 21 | 3 | 2/2 | 10.00 | 12.50 | +2.50 |" in table
     assert "short" not in table.split("\n\n")[0]
     capsys.readouterr()
 
