@@ -141,3 +141,9 @@ def test_explicit_eval_size_trains_on_everything_and_is_kept(tmp_path, colour_da
     [start] = _events(out, "start")
     assert start["train_images"] == 24 and start["eval_size"] == 48
     assert _events(out, "eval")[-1]["image_size"] == 48
+    # what the tools after training read: vit-eval's default size, the report's column
+    from trainer.report import load_run, run_table
+    from trainer.use import open_run
+
+    assert open_run(out).eval_size == 48
+    assert load_run(out).sizes == "32 → 48" and "| 32 → 48 |" in run_table([load_run(out)])
