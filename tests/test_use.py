@@ -104,18 +104,56 @@ def test_timm_opens_the_finished_runs_model_folder(run):
     assert net.pretrained_cfg["label_names"] == ["a_red", "b_green", "c_blue"]
 
 
-@pytest.mark.parametrize("size", [32, 48])
-def test_the_onnx_file_computes_what_pytorch_does(run, tmp_path, size, capsys):
+@pytest.mark.parametrize(("size", "flags"), [(32, []), (48, ["--dynamic-batch"])], ids=["32px", "48px-old-flag"])
+def test_the_onnx_file_computes_what_pytorch_does_at_any_batch(run, tmp_path, size, flags, capsys):
+    """By default the ONNX model takes any batch size (``--dynamic-batch``, once needed for it, is still accepted):
+    ONNX Runtime gives PyTorch's logits at batch 1 and at batch 5 (the export traced 8)."""
     ort = pytest.importorskip("onnxruntime")
     onnx_file = tmp_path / f"model-{size}.onnx"
-    assert export_main([str(run), "--onnx", str(onnx_file), "--image-size", str(size), "--dynamic-batch",
+    assert export_main([str(run), "--onnx", str(onnx_file), "--image-size", str(size), *flags,
                         "--out", str(tmp_path / "timm")]) == 0
-    assert "max abs logit difference" in capsys.readouterr().out
-    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
-    got = ort.InferenceSession(str(onnx_file)).run(["logits"], {"images": images.numpy()})[0]
+    assert "(any batch size)" in capsys.readouterr().out
+    session, net = ort.InferenceSession(str(onnx_file)), open_run(run).build()
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        got = session.run(["logits"], {"images": images.numpy()})[0]
+        with torch.no_grad():
+            want = net(images).numpy()
+        assert got.shape == (batch, 3) and abs(got - want).max() < 1e-4  # atol 1e-4 on the logits, fp32 on the CPU
+
+
+def test_static_batch_fixes_the_onnx_models_batch(run, tmp_path, capsys):
+    """``--static-batch 3``: the model takes batches of 3 images, and ONNX Runtime refuses any other."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "model.onnx"
+    assert export_main([str(run), "--onnx", str(onnx_file), "--static-batch", "3",
+                        "--out", str(tmp_path / "timm")]) == 0
+    assert "(batch 3 only)" in capsys.readouterr().out
+    session = ort.InferenceSession(str(onnx_file))
+    assert session.get_inputs()[0].shape == [3, 3, 32, 32]
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = session.run(["logits"], {"images": images.numpy()})[0]
     with torch.no_grad():
-        want = open_run(run).build()(images).numpy()
-    assert abs(got - want).max() < 1e-4  # atol 1e-4 on the logits, fp32 on the CPU
+        assert abs(got - open_run(run).build()(images).numpy()).max() < 1e-4
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(["logits"], {"images": images[:1].numpy()})
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--onnx", "M", "--static-batch", "0"], "vit-export: error: argument --static-batch: '0' is not a positive"),
+    (["--static-batch", "2"], "vit-export: error: --static-batch: only with --onnx"),
+    (["--onnx", "M", "--static-batch", "2", "--dynamic-batch"], "--dynamic-batch: not allowed with argument "
+                                                                "--static-batch"),
+])
+def test_bad_batch_flags_are_one_line_exit_2_and_nothing_written(run, tmp_path, capsys, flags, needle):
+    before = sorted(run.rglob("*"))
+    try:
+        code = export_main([str(run), *[str(tmp_path / "m.onnx") if f == "M" else f for f in flags]])
+    except SystemExit as e:  # argparse's error: the parser's one line
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert sorted(run.rglob("*")) == before and not (tmp_path / "m.onnx").exists()
 
 
 def test_an_unfinished_run_evaluates_from_its_checkpoint(data, tmp_path):

@@ -278,7 +278,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help=f"the timm folder (default: RUN_DIR/{MODEL_FOLDER})")
     p.add_argument("--onnx", type=Path, help="also write an ONNX file, checked by ONNX Runtime against PyTorch")
     p.add_argument("--image-size", type=int, help="the input size (default: the run's eval size)")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: the check's batch)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--static-batch", type=_batch, metavar="N",
+                       help="ONNX: a model for batches of N images alone (default: any batch size)")
+    batch.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)  # the default since issue 31
     p.add_argument("--weights", default="auto", help=f"{', '.join(WEIGHTS)} (auto: what the run evaluated)")
     p.add_argument("--atol", type=float, default=1e-4, help="ONNX check: largest absolute logit difference allowed")
     return p
@@ -291,6 +294,8 @@ def export_main(argv: list[str] | None = None) -> int:
         size = check_size("--image-size", args.image_size) if args.image_size is not None else run.eval_size
         if args.onnx is not None:
             _need_onnx()
+        elif args.static_batch is not None:
+            raise RunError("--static-batch: only with --onnx")
     except RunError as e:
         return fail("vit-export", str(e))
     folder = write_model_folder(run, args.out or run.path / MODEL_FOLDER, size)
@@ -299,11 +304,22 @@ def export_main(argv: list[str] | None = None) -> int:
         return 0
     from trainer.onnx_export import export_onnx
 
-    diff = export_onnx(run, args.onnx, size, dynamic_batch=args.dynamic_batch)
+    diff, batches = export_onnx(run, args.onnx, size, static_batch=args.static_batch)
     verdict = "ok" if diff <= args.atol else f"over --atol {args.atol:g}"
-    print(f"wrote {args.onnx}: ONNX Runtime vs PyTorch on a batch of the run's val images at {size} px: "
-          f"max abs logit difference {diff:.2e} ({verdict})")
+    shape = f"batch {args.static_batch} only" if args.static_batch else "any batch size"
+    print(f"wrote {args.onnx} ({shape}): ONNX Runtime vs PyTorch on the run's val images at {size} px, batch "
+          f"{' and '.join(map(str, batches))}: max abs logit difference {diff:.2e} ({verdict})")
     return 0 if diff <= args.atol else 1
+
+
+def _batch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _need_onnx() -> None:
