@@ -202,8 +202,8 @@ def sort_runs(runs: list[Run]) -> list[Run]:
 
 
 def run_table(runs: list[Run]) -> str:
-    head = ("| run | model | preset | train → eval px | budget | device | step · FFN · decoder | top-1 | top-5 | epochs | "
-            "images seen | mean img/s | stop |")
+    head = ("| run | model | preset | train → eval px | budget | device | step · FFN · decoder | top-1 | top-5 | "
+            "epochs | images seen | mean img/s | stop |")
     rows = [head, "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in sort_runs(runs):
         rows.append(f"| {r.name} | {r.config.get('model', '-')} | {r.config.get('preset') or '-'} | "
