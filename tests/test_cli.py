@@ -79,7 +79,7 @@ def test_own_data_without_a_budget_is_refused(tmp_path, capsys, colour_dataset):
 
 def test_console_script_exit_code_is_2(tmp_path):
     """`python -m trainer` in its own process exits 2 with exactly the one error line on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "trainer", "--data", str(tmp_path / "nope"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--data", str(tmp_path / "nope"), "--budget", "1m", "--out",
                            str(tmp_path / "run")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"vit-train: error: data folder not found: {tmp_path / 'nope'}"

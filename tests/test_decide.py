@@ -80,7 +80,7 @@ def test_the_training_size_stays_unless_another_wins_by_two_images():
 
 
 def test_hold_out_rejects_a_share_out_of_range(capsys, tmp_path):
-    assert main(["--data", "x", "--holdout", "0.6", "--out", str(tmp_path / "run")]) == 2
+    assert main(["--data", "x", "--budget", "1m", "--holdout", "0.6", "--out", str(tmp_path / "run")]) == 2
     assert "--holdout must lie in [0, 0.5)" in capsys.readouterr().err
 
 
