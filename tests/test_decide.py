@@ -63,6 +63,13 @@ def test_explicit_flags_hold_nothing_out(flags, needle):
     assert held.slice is None and held.train == split and needle in held.why
 
 
+def test_a_budget_of_minutes_holds_nothing_out():
+    split = _split([4000, 2000])
+    held = hold_out(_cfg("--budget", "30m"), split)
+    assert held.slice is None and held.train == split and "a budget under 1h" in held.why
+    assert hold_out(_cfg("--budget", "1h"), split).slice is not None
+
+
 def test_webdataset_shards_hold_nothing_out():
     split = _split([4000, 2000])
     split = Split(split.root, split.files, split.labels, split.classes, shards=(("a.tar", "a.idx"),))
@@ -103,6 +110,7 @@ def _events(run: Path, name: str) -> list[dict]:
 @pytest.fixture
 def small_slices(monkeypatch):
     monkeypatch.setattr(trainer.decide, "HOLDOUT_MIN", 10)  # the tiny set's slice is 24 images
+    monkeypatch.setattr(trainer.decide, "HOLDOUT_MIN_BUDGET_S", 10.0)  # in a 30-s budget
 
 
 def test_poisoned_val_labels_change_no_decision(tmp_path, fake_time, small_slices):

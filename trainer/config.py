@@ -178,7 +178,7 @@ class TrainConfig:
                                       "when no slice is held out)", type=int)
     holdout: float = opt(0.05, "share of the training split held out, never trained on, to choose the eval size "
                                "on when --eval-size is not given: at most 2,000 images, and none when it would be "
-                               "under 250 (0: none)", type=float)
+                               "under 250 or the budget is under 1h (0: none)", type=float)
     batch_size: int = opt(64, "images per step per process (per GPU; the global batch is this x the processes)",
                           type=int)
     stage_batch: str = opt("fixed", "tokens: scale the batch by (final/size)^2 at small stages (lr by its square "

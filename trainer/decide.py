@@ -11,8 +11,11 @@ unless another beats it by at least ``MIN_GAIN_IMAGES`` of the slice's images, s
 
 A slice under ``HOLDOUT_MIN`` images cannot tell sizes a point apart (one image is 0.4 points of 250), so a split
 too small for one (fewer than HOLDOUT_MIN / share images: 5,000 at the default 5%) is trained on whole and evaluated
-at the training size; so are WebDataset shards (their members are read by the tar, not by a file list). Every
-choice, and why, goes to the ``start`` event, the ``eval_size`` event at the end and ``summary.json``.
+at the training size; so is a budget under ``HOLDOUT_MIN_BUDGET_S`` (the end's evaluations, reserved from the start,
+are about five val passes: a large share of a budget of minutes), and so are WebDataset shards (their members are
+read by the tar, not by a file list). Every choice, and why, goes to the ``start`` event, the ``eval_size`` event
+at the end and ``summary.json``. The rule reads the configuration and the split only, so every rank and every
+resume of a run holds out the same files.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from trainer.config import TrainConfig
 
 HOLDOUT_MIN = 250  # images: fewer cannot tell two sizes a point apart
 HOLDOUT_MAX = 2000  # images: enough to see half a point; ImageNet loses 0.16% of its training split
+# The end's evaluations (the slice at four sizes, val at up to 4x the tokens) are reserved from the start: about 5
+# val passes. A budget of minutes (a first try, a CPU run) would give a large share of itself to them.
+HOLDOUT_MIN_BUDGET_S = 3600.0
 EVAL_STEPS = (0, 1, 2, 4)  # candidates: the training size plus this many patches
 MIN_GAIN_IMAGES = 2  # another size must beat the training size by this many held-out images
 
@@ -60,6 +66,9 @@ def hold_out(cfg: TrainConfig, split: Split) -> HeldOut:
         return HeldOut(split, None, f"--eval-size {cfg.eval_size} given: nothing to decide, nothing held out")
     if not cfg.holdout:
         return HeldOut(split, None, "--holdout 0: evaluating at the training size")
+    if cfg.budget_s < HOLDOUT_MIN_BUDGET_S:
+        return HeldOut(split, None, f"a budget under {HOLDOUT_MIN_BUDGET_S / 3600:g}h: the end's extra evaluations "
+                                    f"would take a large share of it; evaluating at the training size")
     if split.shards:
         return HeldOut(split, None, "WebDataset shards: no slice is held out; evaluating at the training size")
     want = min(HOLDOUT_MAX, round(cfg.holdout * len(split)))
