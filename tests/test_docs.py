@@ -343,13 +343,17 @@ def test_every_command_the_pages_show_parses():
     assert checked >= 100, checked  # the pages hold far more: a checker that finds nothing would pass quietly
 
 
-def test_the_checker_fails_on_a_wrong_flag_in_a_table_cell(tmp_path):
+def _check_fixture(tmp_path: Path, text: str) -> tuple[int, list[str]]:
     page = tmp_path / "fixture.md"
-    page.write_text("# A page\n\nRun `vit-eval runs/demo --image-size 96` first.\n\n"
-                    "| what | command |\n| --- | --- |\n"
-                    "| the demo | `vit-train --data demo --budget 3m --lerning-rate 1e-3` |\n"
-                    "| a folder | `vit-train --data my_images` |\n")
-    checked, problems = check_pages([page])
+    page.write_text(text)
+    return check_pages([page])
+
+
+def test_the_checker_fails_on_a_wrong_flag_in_a_table_cell(tmp_path):
+    checked, problems = _check_fixture(tmp_path, "# A page\n\nRun `vit-eval runs/demo --image-size 96` first.\n\n"
+                                       "| what | command |\n| --- | --- |\n"
+                                       "| the demo | `vit-train --data demo --budget 3m --lerning-rate 1e-3` |\n"
+                                       "| a folder | `vit-train --data my_images` |\n")
     assert checked == 3
     assert len(problems) == 2, problems
     assert problems[0].startswith("fixture.md:7 (table cell): vit-train --data demo --budget 3m --lerning-rate 1e-3:")
@@ -359,12 +363,11 @@ def test_the_checker_fails_on_a_wrong_flag_in_a_table_cell(tmp_path):
 
 
 def test_the_checker_reads_blocks_placeholders_and_synopses(tmp_path):
-    page = tmp_path / "fixture.md"
-    page.write_text("```bash\nvit-train --data DIR --budget 10m \\\n    --model ${run#*:} --out runs/x  # a comment\n"
-                    "python tools/bench.py loop --size S --seconds 20 && vit-report runs/x --out DIR\n```\n\n"
-                    "`vit-eval RUN_DIR [--split val|train] [--image-size N[,N…]] [--wieghts auto|ema|raw]`\n"
-                    "`vit-export runs/x --image-size 100`\n")
-    checked, problems = check_pages([page])
+    checked, problems = _check_fixture(
+        tmp_path, "```bash\nvit-train --data DIR --budget 10m \\\n    --model ${run#*:} --out runs/x  # a comment\n"
+        "python tools/bench.py loop --size S --seconds 20 && vit-report runs/x --out DIR\n```\n\n"
+        "`vit-eval RUN_DIR [--split val|train] [--image-size N[,N…]] [--wieghts auto|ema|raw]`\n"
+        "`vit-export runs/x --image-size 100`\n")
     assert checked == 5, problems
     assert [p.split(": ", 1)[0] for p in problems] == ["fixture.md:7 (inline code)", "fixture.md:8 (inline code)"]
     assert "--wieghts" in problems[0] and "multiple" in problems[1]
