@@ -71,7 +71,7 @@ def cost_lines(cfg: TrainConfig, budget: Budget, device: torch.device, net: torc
     """When the run ends on the wall clock, and on a CPU with a large model or image size what the budget buys
     there (an estimate from the model's FLOPs), so nobody waits a day for a surprise."""
     end = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, budget.remaining))
-    lines = [f"the run ends by {end:%Y-%m-%d %H:%M} (local time; {format_duration(budget.remaining)} from now)"]
+    lines = [f"the run ends by {end:%Y-%m-%d %H:%M} (local time; {format_duration(round(budget.remaining))} from now)"]
     if device.type == "cpu" and (params >= LARGE_PARAMS or cfg.image_size >= LARGE_SIZE):
         from model.flops import forward_flops
 
