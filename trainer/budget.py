@@ -82,7 +82,7 @@ class StopGate:
         self.eval_estimate_s = 0.0  # before any evaluation: from a probe of the val pipeline and model
         self.checkpoint_s = 0.0  # the last checkpoint's measured write time
         # the end's evaluations against one periodic evaluation (more than 1 when the end also decides the eval
-        # size on a held-out slice: trainer.decide.cost_factor)
+        # size on a held-out slice: trainer.decide.HeldOut.end_cost)
         self.end_factor = 1.0
         self.entry_s: float | None = None  # the last stage entry's measured cost
         self.entry_steps_s = 0.0  # the part of it spent in settling steps (grows with the tokens per image)

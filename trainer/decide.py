@@ -87,14 +87,16 @@ def hold_out(cfg: TrainConfig, split: Split) -> HeldOut:
         # every class in proportion, at least one from a class with two or more (so its other images still train)
         take = max(int(len(members) > 1), round(want * len(members) / len(split)))
         held.extend(members[:take])
+    held.sort()
     chosen = set(held)
-    keep = [i for i in range(len(split)) if i not in chosen]
-    train = replace(split, files=tuple(split.files[i] for i in keep), labels=tuple(split.labels[i] for i in keep))
-    sliced = replace(split, files=tuple(split.files[i] for i in sorted(held)),
-                     labels=tuple(split.labels[i] for i in sorted(held)))
+    train, sliced = (_subset(split, [i for i in range(len(split)) if i not in chosen]), _subset(split, held))
     return HeldOut(train, sliced, f"{len(sliced)} of {len(split)} training images held out (--holdout "
                                   f"{cfg.holdout:g}, by class), never trained on: the final evaluation's size is "
                                   f"chosen on them")
+
+
+def _subset(split: Split, indices: list[int]) -> Split:
+    return replace(split, files=tuple(split.files[i] for i in indices), labels=tuple(split.labels[i] for i in indices))
 
 
 def candidates(train_size: int, patch: int) -> list[int]:

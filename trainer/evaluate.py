@@ -64,6 +64,11 @@ def _summed(counts: torch.Tensor, world: World | None) -> torch.Tensor:
     return counts
 
 
+def _resize(batches: Any, size: int) -> None:
+    """The loader ``batches`` at another image size (its pipeline rebuilt)."""
+    batches.set_stage(replace(batches.spec, image_size=size))
+
+
 PROBE_BATCHES = 3  # val batches timed at the start, to reserve the final evaluation before any was measured
 
 
@@ -135,7 +140,7 @@ class Evaluator:
         if self.last is not None and not state.epoch_progress > 0 and size == self.size:
             return self.last
         if size != self.size:
-            self.batches.set_stage(replace(self.batches.spec, image_size=size))
+            _resize(self.batches, size)
             self.size = size
         return self(state)
 
@@ -143,7 +148,7 @@ class Evaluator:
         """``measure(size)``: the model's accuracy over ``batches`` (a loader of another split: the held-out
         slice) at ``size``, charged like an evaluation; no event (the caller records what it decided)."""
         def measure(size: int) -> dict[str, Any]:
-            batches.set_stage(replace(batches.spec, image_size=size))
+            _resize(batches, size)
             with self.budget.uncharged(self.cfg.budget_counts == "train"):
                 return self.evaluate_model(self.net, batches, self.amp)
         return measure
