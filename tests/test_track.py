@@ -19,6 +19,7 @@ import pytest
 
 from trainer.checkpoint import load_latest
 from trainer.cli import main
+from trainer.track import last_logged_step
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -153,11 +154,13 @@ def test_a_killed_run_resumes_into_the_same_tracked_run(tmp_path, colour_dataset
         proc.wait()
     client, run_id = _mlflow(out)
     # Resumed in this process, on the fake clock: it trains again from its checkpoint to where the killed attempt's
-    # lines end (how far that is depends on the killed attempt's real speed), then about 40 steps more: what is
-    # left of the budget is spread over that many steps.
+    # lines end (how far that is depends on the killed attempt's real speed; its eval lines, one an epoch, reach
+    # further than its train lines, one every few seconds), then about 40 steps more: what is left of the budget is
+    # spread over that many steps, settling ones too, and evaluations cost next to nothing.
     newest = load_latest(out / "checkpoints").payload
-    again = max(e["step"] for e in _events(out, "train")) - newest["state"]["step"]
-    fake_time.step_s = (60 - newest["budget_spent_s"]) / (again + 40)
+    logged = last_logged_step(out)  # what the resumed attempt's tracking takes as sent
+    fake_time.step_s = fake_time.settle_s = (60 - newest["budget_spent_s"]) / (logged - newest["state"]["step"] + 40)
+    fake_time.eval_batch_s = 1e-3
     assert main(command[3:]) == 0
     resume = _events(out, "resume")
     assert len(resume) == 1
@@ -166,7 +169,8 @@ def test_a_killed_run_resumes_into_the_same_tracked_run(tmp_path, colour_dataset
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)]
     assert steps == sorted(set(steps))  # increasing: the steps trained again after the resume are not sent twice
-    assert steps[-1] == _events(out, "train")[-1]["step"] > resume[0]["step"]
+    new = [e["step"] for e in _events(out, "train") if e["step"] > logged]  # the resumed attempt's, past the killed
+    assert new and steps[-len(new):] == new, (steps[-5:], new)
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2  # one folder, a file per attempt
     tb_steps = [e.step for e in _tb(out).Scalars("train/loss")]
     assert tb_steps == sorted(set(tb_steps)) and tb_steps[-1] == steps[-1]
@@ -240,37 +244,71 @@ def test_bad_track_flags_exit_2_and_write_nothing(tmp_path, colour_dataset, caps
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
 
 
+class _Recorder:
+    """A tool that records each call it gets in ``calls[name]``; ``fails`` (a method's name) raises."""
+
+    def __init__(self, name: str, calls: dict[str, list], fails: str = "", **_: object) -> None:
+        self.name, self.calls, self.fails = name, calls, fails
+        calls.setdefault(name, [])
+
+    def open(self) -> dict:
+        return {"id": self.name}
+
+    def __getattr__(self, method: str):
+        def record(*args: object) -> None:
+            if method == self.fails:
+                raise ConnectionRefusedError("refused")
+            self.calls[self.name].append((method, args))
+        return record
+
+
+def _scalar_rows(calls: list) -> list:
+    return [row[:2] for method, args in calls if method == "scalars" for row in args[0]]
+
+
 def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path):
     """The adapter layer alone: one tool raises on its first scalars, the other still gets everything, and close
     returns (each tool has its own thread, so one never waits on another)."""
     from trainer.track import Tracking
 
-    calls: dict[str, list] = {"good": [], "bad": []}
-
-    class Recorder:
-        def __init__(self, name: str, **_: object) -> None:
-            self.name = name
-
-        def open(self) -> dict:
-            return {"id": self.name}
-
-        def __getattr__(self, method: str):
-            def record(*args: object) -> None:
-                if self.name == "bad" and method == "scalars":
-                    raise ConnectionRefusedError("refused")
-                calls[self.name].append((method, args))
-            return record
-
+    calls: dict[str, list] = {}
     tracking = Tracking("good,bad", tmp_path, "p", False,
-                        adapters={"good": lambda **kw: Recorder("good", **kw), "bad": lambda **kw: Recorder("bad")})
+                        adapters={"good": lambda **kw: _Recorder("good", calls, **kw),
+                                  "bad": lambda **kw: _Recorder("bad", calls, fails="scalars")})
     for step in (1, 2):
         tracking.event("train", {"step": step, "loss": 1.0 / step, "elapsed_s": step})
     tracking.close()
-    rows = [row[:2] for method, args in calls["good"] if method == "scalars" for row in args[0]]
-    assert rows == [(1, {"train/loss": 1.0, "budget/elapsed_s": 1}), (2, {"train/loss": 0.5, "budget/elapsed_s": 2})]
+    assert _scalar_rows(calls["good"]) == [(1, {"train/loss": 1.0, "budget/elapsed_s": 1}),
+                                           (2, {"train/loss": 0.5, "budget/elapsed_s": 2})]
     assert calls["good"][-1] == ("close", ("FAILED",))  # closed without a summary: an unexpected end
     assert [c[0] for c in calls["bad"]] == ["abandon"]  # dropped at its first failure, nothing after
     assert json.loads((tmp_path / "track.json").read_text()) == {"good": {"id": "good"}, "bad": {"id": "bad"}}
+
+
+def test_a_resumed_run_sends_only_the_steps_past_the_killed_attempts_last_line(tmp_path):
+    """The killed attempt logged train lines to step 10 and eval lines (one an epoch) to step 20; the resumed one
+    trains again from step 4: its lines from step 21 on are sent, each at its own step, the x-axis only growing."""
+    from trainer.rundir import RunDir
+    from trainer.track import Tracking
+
+    killed = RunDir(tmp_path)
+    for step in range(2, 21, 2):
+        killed.log("eval", step=step, top1=0.5)
+        if step <= 10:
+            killed.log("train", step=step, loss=1.0)
+    killed.close()
+    calls: dict[str, list] = {}
+    tracking = Tracking("rec", tmp_path, "p", False, adapters={"rec": lambda **kw: _Recorder("rec", calls, **kw)})
+    tracking.event("resume", {"step": 4})
+    for step in range(5, 25):
+        tracking.event("train", {"step": step, "loss": 1.0})
+        if step % 2 == 0:
+            tracking.event("eval", {"step": step, "top1": 0.5})
+    tracking.close()
+    rows = _scalar_rows(calls["rec"])
+    assert [s for s, values in rows if "train/loss" in values] == list(range(21, 25))
+    assert [s for s, values in rows if "val/top1" in values] == [22, 24]
+    assert [c[1] for c in calls["rec"] if c[0] == "text"][0] == (20, "resume", "step 4")
 
 
 def _files(folder: Path) -> dict[str, bytes | str]:

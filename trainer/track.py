@@ -10,6 +10,10 @@ on; all are flushed and closed on every exit path. Rank 0 alone tracks (the othe
 
 A resumed run continues the same tracked run: the tools' run ids are kept in ``RUN_DIR/track.json``, and the
 steps a resumed run trains again (from its checkpoint to where the killed attempt had logged) are not sent twice.
+The x-axis only grows (W&B drops a step below one it has), so a resumed run sends nothing at or below the killed
+attempt's last logged step of any kind: its last eval line (one an epoch) can be past its last train line (one every
+few seconds), and the train points between them are not in the tools' history, nor are the lines of a killed
+attempt's last BATCH_S seconds, which it had not sent. metrics.jsonl has them all.
 """
 
 from __future__ import annotations
