@@ -202,8 +202,10 @@ def test_an_mlflow_server_that_goes_away_costs_one_warning_not_the_run(tmp_path,
                 assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not start"
                 time.sleep(0.3)
         out = tmp_path / "run"
+        # no retries: the killed server refuses at once; a generous timeout: a single-worker server on a busy 2-core
+        # machine (the run trains beside it) took over 3 s to answer a request before it was killed
         env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
         # it must outlive the kill: measured on a busy 2-core machine, its first line at 11 s of the budget (imports
         # count), the server's first batch of metrics (5 s later) and the kill at 15 s; 45 s is 3 times that
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "--data", str(colour_dataset), *TINY,
