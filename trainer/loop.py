@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from model.flops import forward_flops
+from model.flops import train_flops
 from pipelines import Split, StageLoader, StageSpec
 from trainer.agreement import NEXT_STAGE, STOP_BUDGET, STOP_DIVERGED, STOP_SIGNAL, Agreement
 from trainer.budget import Budget, StopGate
@@ -131,7 +131,7 @@ class Trainer:
         self.agreement = Agreement(world, budget, self.gate, cfg.log_every_s, diverged=self.step.diverged,
                                    settling=lambda: self.step.settling, step=s.step)
         self.params = sum(p.numel() for p in self.net.parameters())
-        self.train_flops = 3.0 * forward_flops(self.net, s.image_size) if s.image_size else 0.0
+        self.train_flops = train_flops(self.net, s.image_size) if s.image_size else 0.0
         self.loss: torch.Tensor | None = None
         self.stages_closed = False  # a stage could not be entered in time: the run stays at its current size
         self.pass_cut = False  # the last pass ended early, at a time-placed stage change
@@ -186,7 +186,7 @@ class Trainer:
         self.train_batches.set_stage(self.spec(size, s.batch_size))
         self.paths.enter_stage(s.stage, size, s.batch_size, self.decoder)
         rebuild_s = self.clock() - start
-        self.train_flops = 3.0 * forward_flops(self.net, size)
+        self.train_flops = train_flops(self.net, size)
         fields = dict(step=s.step, stage=s.stage, epoch=s.epoch, image_size=size, batch_size=s.batch_size,
                       peak_lr=s.peak_lr, steps_per_epoch=len(self.train_batches), rebuild_s=round(rebuild_s, 4),
                       step_mode=self.mode, fused_ffn=self.paths.running["ffn"], decoder=self.decoder,

@@ -73,9 +73,9 @@ def cost_lines(cfg: TrainConfig, budget: Budget, device: torch.device, net: torc
     end = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, budget.remaining))
     lines = [f"the run ends by {end:%Y-%m-%d %H:%M} (local time; {format_duration(round(budget.remaining))} from now)"]
     if device.type == "cpu" and (params >= LARGE_PARAMS or cfg.image_size >= LARGE_SIZE):
-        from model.flops import forward_flops
+        from model.flops import train_flops
 
-        per_image = 3.0 * forward_flops(net, cfg.image_size)
+        per_image = train_flops(net, cfg.image_size)
         ips = CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / per_image
         epochs = ips * budget.remaining / max(1, train_images)
         lines.append(f"{cfg.model} at {cfg.image_size} px on the CPU: ~{ips:.0f} img/s, ~{epochs:.1f} epochs in this "

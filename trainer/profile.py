@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from model.flops import forward_flops
+from model.flops import train_flops
 from pipelines import Split, StageLoader
 from trainer.config import TrainConfig
 from trainer.data import stage_spec
@@ -78,7 +78,7 @@ def profile(cfg: TrainConfig, train_split: Split, out: Path, sizes: list[int], s
         loader = StageLoader(train_split, spec, train=True, device=device)  # a fresh epoch for the loop
         loop_ips = time_batches(loader, steps, warmup, device, work=step)
         loader.close()
-        flops = 3.0 * forward_flops(step.net, size)
+        flops = train_flops(step.net, size)
         bound = "data" if pipeline_ips < model_ips else "compute"
         rows.append({"image_size": size, "batch_size": cfg.batch_size, "pipeline_ips": round(pipeline_ips, 1),
                      "model_ips": round(model_ips, 1), "loop_ips": round(loop_ips, 1), "bound": bound,
